@@ -1,0 +1,151 @@
+"""The command line: a thin typer layer over compresskit.api (no logic, no torch at import)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from compresskit import __version__
+from compresskit.errors import EXIT_BAD_INPUT, EXIT_STAGE_FAILED, ConfigError, StageError
+
+app = typer.Typer(
+    name="compresskit", no_args_is_help=True, add_completion=False,
+    help="Distil, prune, factorize and quantize a PyTorch model into a small ONNX student, "
+         "measured on the device you ship to.")
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True)
+
+
+def _fail_config(e: ConfigError) -> None:
+    n = len(e.problems)
+    err.print(f"[red]error:[/red] {n} problem{'s' if n > 1 else ''} in the input:", markup=True)
+    for p in e.problems:
+        err.print(f"  {p}", markup=False)
+    raise typer.Exit(EXIT_BAD_INPUT)
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"compresskit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    pass
+
+
+@app.command()
+def run(
+    pipeline: Path = typer.Argument(..., help="Pipeline YAML file."),
+    overrides: list[str] = typer.Argument(
+        None, help="Overrides as key.path=value, e.g. stages.1.epochs=5 seed=1."),
+    output_dir: Path = typer.Option(None, "--output-dir", "-o",
+                                    help="Run folder (default: runs/<name>)."),
+    force: bool = typer.Option(False, "--force", help="Rerun every stage, ignoring the cache."),
+) -> None:
+    """Run a pipeline; finished stages are cached and skipped on the next run."""
+    from compresskit import api
+
+    try:
+        report = api.run(pipeline, overrides or [], output_dir=output_dir, force=force,
+                         console=err)
+    except ConfigError as e:
+        _fail_config(e)
+    except StageError as e:
+        err.print(f"[red]error:[/red] {e}", markup=True)
+        err.print("Finished stages are kept; fix the cause and run the same command to resume.")
+        raise typer.Exit(EXIT_STAGE_FAILED) from None
+    except KeyboardInterrupt:
+        err.print("\ninterrupted: finished stages are kept; run the same command to resume.")
+        raise typer.Exit(130) from None
+    _summary(report)
+
+
+def _summary(report: dict[str, Any]) -> None:
+    from compresskit.report import headline
+
+    t = Table(title=f"{report['name']}: {report['seconds']:.1f} s", title_justify="left")
+    for col in ("stage", "status", "seconds", "params", "accuracy"):
+        t.add_column(col, justify="left" if col in ("stage", "status") else "right")
+    for s in report["stages"]:
+        acc = s["metrics"].get("accuracy")
+        t.add_row(f"{s['index']:02d}-{s['type']}", s["status"], f"{s['seconds']:.1f}",
+                  f"{s['params']:,}" if s["params"] else "-",
+                  f"{acc:.4f}" if isinstance(acc, float) else "-")
+    out.print(t)
+    if report["benchmarks"]:
+        b = Table(title="onnxruntime, measured on the exported files", title_justify="left")
+        for col in ("artifact", "target", "batch", "p50 ms", "p90 ms", "p99 ms", "per s",
+                    "peak MB", "accuracy"):
+            b.add_column(col, justify="left" if col in ("artifact", "target") else "right")
+        for row in report["benchmarks"]:
+            lat = row["latency_ms"]
+            mem = row["peak_rss_mb"]
+            b.add_row(row["artifact"], row["target"], str(row["batch_size"]),
+                      f"{lat['p50']:.3f}", f"{lat['p90']:.3f}", f"{lat['p99']:.3f}",
+                      f"{row['throughput_per_s']:.0f}", "-" if mem is None else f"{mem:.1f}",
+                      f"{row['accuracy']:.4f}")
+        out.print(b)
+    for line in headline(report):
+        out.print(line)
+    out.print(f"report: {Path(report['run_dir']) / 'report.md'}")
+
+
+@app.command()
+def validate(
+    pipeline: Path = typer.Argument(..., help="Pipeline YAML file."),
+    overrides: list[str] = typer.Argument(None, help="Overrides as key.path=value."),
+    schema_only: bool = typer.Option(
+        False, "--schema-only", help="Check the file against the schema only (no torch, instant)."),
+) -> None:
+    """Check a pipeline file: schema, stage order, sources, checkpoints, input shape."""
+    from compresskit import api
+
+    try:
+        loaded = api.validate(pipeline, overrides or [], deep=not schema_only)
+    except ConfigError as e:
+        _fail_config(e)
+    stages = " -> ".join(s.type for s in loaded.config.stages)
+    out.print(f"{pipeline}: ok ({stages})")
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of pipeline files (for editor completion and checks)."""
+    from compresskit.config import PipelineConfig
+
+    sys.stdout.write(json.dumps(PipelineConfig.model_json_schema(), indent=2) + "\n")
+
+
+@app.command(name="ls")
+def list_things() -> None:
+    """List stage types, built-in data sources and benchmark targets."""
+    from compresskit.config import STAGE_CONFIGS
+    from compresskit.data import DATASETS
+    from compresskit.targets import TARGETS
+
+    for title, items in (
+        ("stages", [(k, (v.__doc__ or "").strip().splitlines()[0])
+                    for k, v in STAGE_CONFIGS.items()]),
+        ("data sources", [(k, (f.__doc__ or "").strip().splitlines()[0])
+                          for k, f in DATASETS.items()]),
+        ("targets", [(k, t.description) for k, t in TARGETS.items()]),
+    ):
+        t = Table(title=title, title_justify="left", show_header=False)
+        t.add_column("name", style="bold")
+        t.add_column("description")
+        for name, doc in items:
+            t.add_row(name, doc)
+        out.print(t)
+
+
+def main() -> None:
+    app()

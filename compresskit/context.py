@@ -1,0 +1,54 @@
+"""What a stage receives (StageContext) and returns (StageResult)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from rich.console import Console
+    from torch import nn
+
+    from compresskit.config import PipelineConfig
+    from compresskit.data import Splits
+
+
+@dataclass
+class StageResult:
+    metrics: dict[str, Any] = field(default_factory=dict)
+    updated: dict[str, nn.Module] = field(default_factory=dict)
+    """Models whose weights or structure the stage changed, by role."""
+    params: int | None = None
+    artifacts: list[dict[str, Any]] = field(default_factory=list)
+    benchmarks: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class StageContext:
+    config: PipelineConfig
+    index: int
+    name: str
+    """Folder name, e.g. '01-distill'."""
+    run_dir: Path
+    work_dir: Path
+    """Where the stage writes its own files (renamed to run_dir/name when it finishes)."""
+    device: torch.device
+    seed: int
+    console: Console
+    progress: Any
+    artifacts: list[dict[str, Any]]
+    """Artifacts written by earlier stages (paths relative to run_dir)."""
+    _data: Callable[[], Splits]
+    _model: Callable[[str], nn.Module]
+
+    def data(self) -> Splits:
+        return self._data()
+
+    def model(self, role: str) -> nn.Module:
+        return self._model(role)
+
+    def log(self, message: str) -> None:
+        self.console.print(f"  [dim]{self.name}[/dim] {message}")

@@ -1,0 +1,233 @@
+"""The stage loop: hash each stage, skip finished ones, run the rest, write manifests and report.
+
+A stage's hash covers its own config and the hash of everything before it (the previous stage,
+or the data, input and model sections with the code and checkpoints they point to). A stage whose
+folder holds a manifest with the same hash is `cached`; changing stage k reruns k and later ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from compresskit import __version__
+from compresskit.artifacts import MANIFEST, DiskFullError, inside, read_json, write_json
+from compresskit.checks import ROLES, deep_check, model_seed
+from compresskit.errors import ConfigError, StageError
+from compresskit.loader import LoadedPipeline
+from compresskit.sources import resolve_path, source_digest
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from torch import nn
+
+    from compresskit.data import Splits
+
+STAGE_DIR = re.compile(r"^\d{2}-[a-z]+$")
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def input_hash(loaded: LoadedPipeline, device: str) -> str:
+    """What every stage depends on: data, input, models, their code and checkpoints, seed."""
+    cfg = loaded.config
+    parts: dict[str, Any] = {
+        "compresskit": __version__, "seed": cfg.seed, "device": device,
+        "data": cfg.data.model_dump(), "input": cfg.input.model_dump(),
+    }
+    if ":" in cfg.data.source:
+        parts["data_code"] = source_digest(cfg.data.source, loaded.base_dir)
+    for role in ROLES:
+        mcfg = getattr(cfg, role)
+        if mcfg is None:
+            continue
+        parts[role] = mcfg.model_dump()
+        parts[f"{role}_code"] = source_digest(mcfg.source, loaded.base_dir)
+        if mcfg.checkpoint:
+            path = resolve_path(mcfg.checkpoint, loaded.base_dir)
+            if path is not None:
+                from compresskit.sources import file_digest
+
+                parts[f"{role}_checkpoint"] = file_digest(path)
+    return _digest(parts)
+
+
+@dataclass
+class StageRecord:
+    index: int
+    type: str
+    name: str
+    status: str
+    seconds: float
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+
+class Runner:
+    """Runs one pipeline into one run folder."""
+
+    def __init__(self, loaded: LoadedPipeline, run_dir: Path, *, force: bool = False,
+                 console: Console | None = None, progress: Any = None):
+        from rich.console import Console
+
+        self.loaded = loaded
+        self.cfg = loaded.config
+        self.run_dir = run_dir
+        self.force = force
+        self.console = console or Console(stderr=True)
+        self.progress = progress
+        self.records: list[StageRecord] = []
+        self._splits: Splits | None = None
+        self._models: dict[str, nn.Module] = {}
+        self._state: dict[str, str | None] = {role: None for role in ROLES}
+        self._fresh: dict[str, nn.Module] = {}
+
+    # -- lazily materialised inputs -------------------------------------------------------------
+    def _data(self) -> Splits:
+        if self._splits is None:
+            from compresskit.data import load_data
+
+            self._splits = load_data(self.cfg.data, self.cfg.input, self.loaded.base_dir,
+                                     str(self.loaded.path))
+        return self._splits
+
+    def _model(self, role: str) -> nn.Module:
+        """The model as of the last finished stage: live, reloaded from a checkpoint, or new."""
+        if role in self._models:
+            return self._models[role]
+        from compresskit import modelio
+
+        mcfg = getattr(self.cfg, role)
+        if mcfg is None:  # excluded by validation; reaching here is our bug
+            raise RuntimeError(f"no {role} configured")
+        model = self._fresh.pop(role, None)
+        if model is None:
+            model = modelio.build(mcfg, role, self.loaded.base_dir,
+                                  model_seed(self.cfg.seed, role))
+        checkpoint = self._state[role]
+        if checkpoint is not None:
+            modelio.load_weights(model, inside(self.run_dir, checkpoint), f"{role} checkpoint")
+        self._models[role] = model
+        return model
+
+    # -- the loop -------------------------------------------------------------------------------
+    def run(self) -> list[StageRecord]:
+        import torch
+
+        from compresskit.stages import STAGES
+
+        device = self._device(torch)
+        self._fresh = deep_check(self.loaded)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        names = [f"{i:02d}-{s.type}" for i, s in enumerate(self.cfg.stages)]
+        self._remove_stale(set(names))
+        upstream = input_hash(self.loaded, str(device))
+        artifacts: list[dict[str, Any]] = []
+        for index, (stage_cfg, name) in enumerate(zip(self.cfg.stages, names)):
+            stage_hash = _digest([upstream, stage_cfg.model_dump(mode="json")])
+            final = self.run_dir / name
+            manifest = read_json(final / MANIFEST)
+            if (not self.force and isinstance(manifest, dict)
+                    and manifest.get("hash") == stage_hash and manifest.get("status") == "done"
+                    and self._outputs_exist(manifest)):
+                self._adopt(manifest)
+                artifacts += manifest.get("artifacts", [])
+                self.records.append(StageRecord(index, stage_cfg.type, name, "cached", 0.0,
+                                                manifest))
+                self.console.print(f"[dim]{name}: cached[/dim]")
+                upstream = stage_hash
+                continue
+            self.console.print(f"[bold]{name}[/bold]: running")
+            start = time.perf_counter()
+            work = self.run_dir / f".{name}.partial"
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+            from compresskit.context import StageContext
+
+            ctx = StageContext(
+                config=self.cfg, index=index, name=name, run_dir=self.run_dir, work_dir=work,
+                device=device, seed=self.cfg.seed + index, console=self.console,
+                progress=self.progress, artifacts=list(artifacts),
+                _data=self._data, _model=self._model)
+            try:
+                torch.manual_seed(ctx.seed)
+                result = STAGES.get(stage_cfg.type)(stage_cfg, ctx)
+                manifest = self._commit(index, name, stage_cfg.type, stage_hash, work, final,
+                                        result, time.perf_counter() - start)
+            except BaseException as e:
+                shutil.rmtree(work, ignore_errors=True)
+                seconds = time.perf_counter() - start
+                self.records.append(StageRecord(index, stage_cfg.type, name, "failed", seconds))
+                if isinstance(e, DiskFullError):
+                    raise StageError(name, f"{e.strerror}; free some space and run again: "
+                                           "finished stages are kept") from None
+                from compresskit.modelio import ModelError
+
+                if isinstance(e, ModelError):
+                    raise ConfigError(str(e)) from None
+                raise
+            artifacts += manifest.get("artifacts", [])
+            self.records.append(StageRecord(index, stage_cfg.type, name, "done",
+                                            manifest["seconds"], manifest))
+            upstream = stage_hash
+        return self.records
+
+    def _device(self, torch: Any) -> Any:
+        want = self.cfg.device
+        if want == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device: cuda, but torch sees no CUDA GPU on this machine; use "
+                              "device: auto or cpu")
+        if want == "auto":
+            want = "cuda" if torch.cuda.is_available() else "cpu"
+        return torch.device(want)
+
+    def _remove_stale(self, keep: set[str]) -> None:
+        """Stage folders of stages no longer in the pipeline, and leftovers of crashed runs."""
+        for p in self.run_dir.iterdir():
+            if p.is_dir() and (STAGE_DIR.match(p.name) and p.name not in keep
+                               or p.name.endswith(".partial")):
+                shutil.rmtree(p, ignore_errors=True)
+
+    def _outputs_exist(self, manifest: dict[str, Any]) -> bool:
+        """A manifest whose files are gone, or that points outside the run folder, is stale."""
+        paths = [p for p in manifest.get("state", {}).values() if p]
+        paths += [a.get("path", "") for a in manifest.get("artifacts", [])]
+        try:
+            return all(inside(self.run_dir, p).is_file() for p in paths)
+        except (ValueError, TypeError):
+            return False
+
+    def _adopt(self, manifest: dict[str, Any]) -> None:
+        """Take a cached stage's outputs as the current state; live models reload lazily."""
+        for role, path in manifest.get("state", {}).items():
+            if path != self._state.get(role):
+                self._state[role] = path
+                self._models.pop(role, None)
+
+    def _commit(self, index: int, name: str, kind: str, stage_hash: str, work: Path,
+                final: Path, result: Any, seconds: float) -> dict[str, Any]:
+        from compresskit.modelio import save_weights
+
+        for role, model in result.updated.items():
+            save_weights(model, work / f"{role}.pt")
+            self._state[role] = f"{name}/{role}.pt"
+            self._models[role] = model
+        manifest = {
+            "stage": name, "index": index, "type": kind, "hash": stage_hash, "status": "done",
+            "seconds": round(seconds, 3), "params": result.params, "metrics": result.metrics,
+            "state": dict(self._state), "artifacts": result.artifacts,
+            "benchmarks": result.benchmarks, "compresskit_version": __version__,
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        write_json(work / MANIFEST, manifest)
+        if final.exists():
+            shutil.rmtree(final)
+        work.rename(final)
+        return manifest

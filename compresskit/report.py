@@ -1,0 +1,103 @@
+"""report.json (the contract other tools read) and report.md (what people read)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from compresskit import __version__
+from compresskit.artifacts import write_json, write_text
+
+
+def build(name: str, records: list[Any], seconds: float, pipeline: str) -> dict[str, Any]:
+    stages, artifacts, benchmarks = [], [], []
+    for r in records:
+        m = r.manifest
+        stages.append({
+            "index": r.index, "type": r.type, "name": r.name, "status": r.status,
+            "seconds": round(r.seconds, 3),
+            "computed_seconds": m.get("seconds"),
+            "params": m.get("params"), "metrics": m.get("metrics", {}),
+        })
+        artifacts += m.get("artifacts", [])
+        benchmarks += m.get("benchmarks", [])
+    return {
+        "name": name, "compresskit_version": __version__, "seconds": round(seconds, 3),
+        "pipeline": pipeline, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "stages": stages, "artifacts": artifacts, "benchmarks": benchmarks,
+    }
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def headline(report: dict[str, Any]) -> list[str]:
+    """Plain-words findings drawn only from measured numbers."""
+    lines = []
+    for s in report["stages"]:
+        m = s["metrics"]
+        if s["type"] == "distill" and "accuracy" in m:
+            line = (f"Distilled student: {m['accuracy']:.4f} accuracy on the {m.get('eval_split')} "
+                    f"split (teacher {m['teacher_accuracy']:.4f})")
+            if "baseline_accuracy" in m:
+                gain = 100 * m["gain_over_baseline"]
+                line += (f"; the same student trained without the teacher: "
+                         f"{m['baseline_accuracy']:.4f} ({gain:+.1f} points from distillation)")
+            lines.append(line + ".")
+    by_key = {(b["target"], b["batch_size"], b.get("model")): b for b in report["benchmarks"]}
+    for (target, bs, model), b in sorted(by_key.items(), key=lambda kv: str(kv[0])):
+        if model != "student" or (target, bs, "teacher") not in by_key:
+            continue
+        t = by_key[(target, bs, "teacher")]
+        lines.append(
+            f"On {target} at batch {bs}, the student ONNX runs {t['latency_ms']['p50'] / b['latency_ms']['p50']:.1f}x "
+            f"faster than the teacher ONNX (p50 {b['latency_ms']['p50']:.3f} vs "
+            f"{t['latency_ms']['p50']:.3f} ms) at {100 * (b['accuracy'] - t['accuracy']):+.1f} "
+            f"points, in a {t['bytes'] / max(1, b['bytes']):.0f}x smaller file.")
+    return lines
+
+
+def markdown(report: dict[str, Any]) -> str:
+    parts = [f"# compresskit report: {report['name']}", "",
+             f"compresskit {report['compresskit_version']}, pipeline `{report['pipeline']}`, "
+             f"{report['created']}, this invocation took {report['seconds']:.1f} s.", ""]
+    found = headline(report)
+    if found:
+        parts += ["## Findings", ""] + [f"- {line}" for line in found] + [""]
+    rows = [[f"{s['index']:02d}-{s['type']}", s["status"], _fmt(s["seconds"], 1),
+             _fmt(s["params"]), _fmt(s["metrics"].get("accuracy"))] for s in report["stages"]]
+    parts += ["## Stages", "", _table(["stage", "status", "seconds", "params", "accuracy"], rows),
+              ""]
+    if report["artifacts"]:
+        rows = [[f"`{a['path']}`", a["precision"], _fmt(a["bytes"]), a["sha256"][:12]]
+                for a in report["artifacts"]]
+        parts += ["## Artifacts", "", _table(["path", "precision", "bytes", "sha256"], rows), ""]
+    if report["benchmarks"]:
+        rows = [[f"`{b['artifact']}`", b["target"], str(b["batch_size"]), str(b["threads"]),
+                 _fmt(b["latency_ms"]["p50"], 3), _fmt(b["latency_ms"]["p90"], 3),
+                 _fmt(b["latency_ms"]["p99"], 3), _fmt(b["throughput_per_s"], 1),
+                 _fmt(b["peak_rss_mb"], 1), _fmt(b["accuracy"])]
+                for b in report["benchmarks"]]
+        parts += ["## Benchmarks (onnxruntime, measured on the exported files)", "",
+                  _table(["artifact", "target", "batch", "threads", "p50 ms", "p90 ms", "p99 ms",
+                          "throughput/s", "peak RSS MB", "accuracy"], rows), ""]
+    return "\n".join(parts)
+
+
+def write(run_dir: Path, report: dict[str, Any]) -> None:
+    write_json(run_dir / "report.json", report)
+    write_text(run_dir / "report.md", markdown(report))

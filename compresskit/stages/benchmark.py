@@ -1,0 +1,67 @@
+"""`benchmark`: latency, throughput, peak memory and accuracy of every exported artifact, measured
+with onnxruntime on each target. Artifacts are timed interleaved, so noise hits them alike."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from compresskit.backends import ort as ort_backend
+from compresskit.config import BenchmarkConfig
+from compresskit.context import StageContext, StageResult
+from compresskit.ops.latency import median_ratio, summarize
+from compresskit.targets import TARGETS
+
+
+def _eval_arrays(ctx: StageContext) -> tuple[np.ndarray, np.ndarray]:
+    ds = ctx.data().eval
+    xs, ys = zip(*(ds[i] for i in range(len(ds))))
+    return torch.stack([torch.as_tensor(x) for x in xs]).numpy(), \
+        torch.as_tensor(np.array([int(y) for y in ys])).numpy()
+
+
+def run(cfg: BenchmarkConfig, ctx: StageContext) -> StageResult:
+    artifacts = [a for a in ctx.artifacts if a.get("format") == "onnx"]
+    x, y = _eval_arrays(ctx)
+    x = x.astype(ort_backend.NP_DTYPES[ctx.config.input.dtype])
+    rows: list[dict] = []
+    unavailable: dict[str, str] = {}
+    for name in cfg.targets:
+        target = TARGETS.get(name)
+        ok, reason = ort_backend.available(target)
+        if not ok:
+            unavailable[name] = reason
+            ctx.log(f"target {name} unavailable: {reason}")
+            continue
+        threads = cfg.threads or target.resolved_threads()
+        sessions = {a["path"]: ort_backend.session(ctx.run_dir / a["path"], target, threads)
+                    for a in artifacts}
+        accuracy = {
+            k: float((ort_backend.predict(s, x, ctx.config.data.eval_batch_size).argmax(1)
+                      == y).mean())
+            for k, s in sessions.items()}
+        for bs in cfg.batch_sizes:
+            feed = ort_backend.batch_of(x, bs)
+            times = ort_backend.time_interleaved(sessions, feed, cfg.runs, cfg.warmup)
+            reference = artifacts[0]["path"]
+            for a in artifacts:
+                ms = times[a["path"]]
+                stats = summarize(ms)
+                row = {
+                    "artifact": a["path"], "model": a.get("model"),
+                    "precision": a.get("precision"), "target": name, "batch_size": bs,
+                    "threads": threads, "runs": cfg.runs,
+                    "latency_ms": {k: round(v, 4) for k, v in stats.items()},
+                    "throughput_per_s": round(bs * 1000.0 / stats["mean"], 2),
+                    "peak_rss_mb": None, "accuracy": accuracy[a["path"]], "bytes": a["bytes"],
+                    "speedup_vs": reference,
+                    "speedup": round(median_ratio(times[reference], ms), 3),
+                }
+                if cfg.memory:
+                    row["peak_rss_mb"] = round(ort_backend.peak_rss_mb(
+                        ctx.run_dir / a["path"], name, threads, list(feed.shape),
+                        ctx.config.input.dtype), 2)
+                rows.append(row)
+                ctx.log(f"{name} bs={bs} {a['path']}: p50 {stats['p50']:.3f} ms, "
+                        f"acc {accuracy[a['path']]:.4f}")
+    return StageResult(metrics={"unavailable_targets": unavailable}, benchmarks=rows)

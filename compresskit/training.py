@@ -1,0 +1,110 @@
+"""The one training loop, shared by train, distill and (later) every recovery fine-tune."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from compresskit.config import TrainingOptions
+
+StepFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
+
+
+class Diverged(Exception):
+    """The loss became NaN or Inf; the message names the step and the loss terms."""
+
+
+def loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen, drop_last=False)
+
+
+def make_optimizer(params: Any, opts: TrainingOptions) -> torch.optim.Optimizer:
+    if opts.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=opts.lr, momentum=0.9, nesterov=True,
+                               weight_decay=opts.weight_decay)
+    if opts.optimizer == "adam":
+        return torch.optim.Adam(params, lr=opts.lr, weight_decay=opts.weight_decay)
+    return torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
+
+
+def make_schedule(opt: torch.optim.Optimizer, opts: TrainingOptions,
+                  total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    if opts.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps))
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, ds: Dataset, batch_size: int,
+            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of a whole split, in order."""
+    model.eval()
+    outs, labels = [], []
+    for x, y in loader(ds, batch_size, shuffle=False, seed=0):
+        outs.append(model(x.to(device)).float().cpu())
+        labels.append(torch.as_tensor(y))
+    return torch.cat(outs), torch.cat(labels)
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((logits.argmax(dim=1) == labels).float().mean())
+
+
+def evaluate(model: nn.Module, ds: Dataset, batch_size: int, device: torch.device) -> float:
+    logits, labels = predict(model, ds, batch_size, device)
+    return accuracy(logits, labels)
+
+
+def fit(model: nn.Module, train: Dataset, opts: TrainingOptions, *, batch_size: int,
+        step: StepFn, device: torch.device, seed: int, progress: Any = None, desc: str = "train",
+        val: Dataset | None = None, eval_batch_size: int = 256,
+        extra_params: list[nn.Parameter] | None = None) -> dict[str, Any]:
+    """Train `model` in place for opts.epochs; returns the loss and val-accuracy history."""
+    model.to(device)
+    data = loader(train, batch_size, shuffle=True, seed=seed)
+    params = [p for p in model.parameters() if p.requires_grad] + list(extra_params or [])
+    opt = make_optimizer(params, opts)
+    sched = make_schedule(opt, opts, opts.epochs * len(data))
+    history: dict[str, list[float]] = {"loss": [], "val_accuracy": []}
+    task = progress.add_task(desc, total=opts.epochs, info="") if progress is not None else None
+    global_step = 0
+    for epoch in range(opts.epochs):
+        model.train()
+        total, count = 0.0, 0
+        for x, y in data:
+            x, y = x.to(device), y.to(device)
+            loss, terms = step(model, x, y)
+            if not math.isfinite(float(loss.detach())):
+                shown = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
+                raise Diverged(
+                    f"the loss became {float(loss.detach())} at epoch {epoch + 1}, step "
+                    f"{global_step} ({shown}); lower the learning rate (lr: {opts.lr}) "
+                    "or the temperature")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach()) * len(x)
+            count += len(x)
+            global_step += 1
+        history["loss"].append(total / max(1, count))
+        info = f"loss {history['loss'][-1]:.4f}"
+        if val is not None:
+            history["val_accuracy"].append(evaluate(model, val, eval_batch_size, device))
+            info += f"  val acc {history['val_accuracy'][-1]:.4f}"
+        if task is not None:
+            progress.update(task, advance=1, info=info)
+    return history
+
+
+def cross_entropy_step(model: nn.Module, x: torch.Tensor,
+                       y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    loss = nn.functional.cross_entropy(model(x), y)
+    return loss, {"ce": float(loss.detach())}

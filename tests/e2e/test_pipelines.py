@@ -1,0 +1,42 @@
+"""Every example pipeline validates; the digits example meets its promises end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from compresskit import api
+from tests.conftest import ROOT
+
+PIPELINES = sorted((ROOT / "pipelines").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", PIPELINES, ids=[p.name for p in PIPELINES])
+def test_example_pipeline_validates(path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    api.validate(path)
+    header = path.read_text().splitlines()[:3]
+    assert header[0].startswith("# ") and any(f"Run: compresskit run pipelines/{path.name}" in h
+                                              for h in header)
+
+
+@pytest.mark.slow
+def test_digits_end_to_end(tmp_path):
+    """The README's first command: teacher >= 0.98, exported student >= 0.97 and better than the
+    same student trained without the teacher; all measured on the ONNX files."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, "-m", "compresskit", "run", "pipelines/digits.yaml",
+                             "-o", str(tmp_path / "run")], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    distill = next(s for s in report["stages"] if s["type"] == "distill")["metrics"]
+    assert distill["teacher_accuracy"] >= 0.98
+    assert distill["accuracy"] > distill["baseline_accuracy"]
+    onnx_acc = {(b["model"], b["batch_size"]): b["accuracy"] for b in report["benchmarks"]}
+    assert onnx_acc[("student", 1)] >= 0.97 and onnx_acc[("teacher", 1)] >= 0.98
+    assert report["seconds"] < 180

@@ -1,0 +1,124 @@
+"""A tiny pipeline through the real CLI: report contract, cache, partial reruns, failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, TINY
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "compresskit", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tiny")
+    (tmp / "models").mkdir()
+    (tmp / "models" / "digits.py").write_text((ROOT / "models" / "digits.py").read_text())
+    (tmp / "pipe.yaml").write_text(TINY)
+    start = time.perf_counter()
+    result = cli("run", "pipe.yaml", cwd=tmp)
+    return tmp, result, time.perf_counter() - start
+
+
+def test_run_writes_the_report_contract(first_run):
+    tmp, result, _ = first_run
+    assert result.returncode == 0, result.stderr
+    run = tmp / "runs" / "tiny"
+    report = json.loads((run / "report.json").read_text())
+    assert {"name", "compresskit_version", "seconds", "stages", "artifacts",
+            "benchmarks"} <= set(report)
+    assert [s["status"] for s in report["stages"]] == ["done"] * 4
+    for s in report["stages"]:
+        assert {"index", "type", "status", "seconds", "params", "metrics"} <= set(s)
+    assert report["stages"][1]["metrics"]["accuracy"] > 0.2  # trained (chance is 0.1)
+    for a in report["artifacts"]:
+        assert {"path", "format", "precision", "bytes", "sha256"} <= set(a)
+        assert (run / a["path"]).stat().st_size == a["bytes"]
+    assert len(report["benchmarks"]) == 2
+    for b in report["benchmarks"]:
+        assert {"artifact", "target", "batch_size", "threads", "latency_ms", "throughput_per_s",
+                "peak_rss_mb", "accuracy"} <= set(b)
+        assert set(b["latency_ms"]) >= {"p50", "p90", "p99", "mean", "std"}
+        assert 0 < b["latency_ms"]["p50"] <= b["latency_ms"]["p99"]
+    for name in ("resolved.yaml", "report.md", "00-train/teacher.pt", "01-distill/student.pt",
+                 "02-export/manifest.json", "03-benchmark/manifest.json"):
+        assert (run / name).is_file(), name
+    assert not list(run.glob(".*"))  # no temp files or partial stage folders left
+    assert "00-train" in result.stderr and "report:" in result.stdout
+
+
+def test_second_run_is_all_cached_and_fast(first_run):
+    tmp, _, first_seconds = first_run
+    start = time.perf_counter()
+    result = cli("run", "pipe.yaml", cwd=tmp)
+    seconds = time.perf_counter() - start
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp / "runs" / "tiny" / "report.json").read_text())
+    assert [s["status"] for s in report["stages"]] == ["cached"] * 4
+    assert seconds < first_seconds
+
+
+def test_changing_stage_k_reruns_k_and_later_only(first_run):
+    tmp, _, _ = first_run
+    run = tmp / "runs" / "tiny"
+    before = (run / "artifacts" / "student.fp32.onnx").read_bytes()
+    result = cli("run", "pipe.yaml", "stages.1.temperature=2", cwd=tmp)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((run / "report.json").read_text())
+    assert [s["status"] for s in report["stages"]] == ["cached", "done", "done", "done"]
+    assert (run / "artifacts" / "student.fp32.onnx").read_bytes() != before
+    # and back: the original settings are recomputed (one cache entry per stage folder)
+    result = cli("run", "pipe.yaml", cwd=tmp)
+    assert (run / "artifacts" / "student.fp32.onnx").read_bytes() == before
+
+
+def test_same_seed_gives_identical_metrics_and_onnx_bytes(first_run, tmp_path):
+    tmp, _, _ = first_run
+    result = cli("run", "pipe.yaml", "--output-dir", str(tmp_path / "again"), cwd=tmp)
+    assert result.returncode == 0, result.stderr
+    a = json.loads((tmp / "runs" / "tiny" / "report.json").read_text())
+    b = json.loads((tmp_path / "again" / "report.json").read_text())
+    assert [s["metrics"] for s in a["stages"][:3]] == [s["metrics"] for s in b["stages"][:3]]
+    assert [x["sha256"] for x in a["artifacts"]] == [x["sha256"] for x in b["artifacts"]]
+
+
+def test_diverging_stage_exits_1_and_keeps_earlier_stages(first_run, tmp_path):
+    tmp, _, _ = first_run
+    (tmp / "models" / "nan.py").write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "class NaN(nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n"
+        "        self.fc = nn.Linear(64, 10)\n\n"
+        "    def forward(self, x):\n        return self.fc(x.flatten(1)) * float('nan')\n\n"
+        "def student():\n    return NaN()\n")
+    (tmp / "nan.yaml").write_text(TINY.replace("models/digits.py:student, kwargs: {width: 2}",
+                                               "models/nan.py:student"))
+    result = cli("run", "nan.yaml", "-o", str(tmp_path / "nan"), cwd=tmp)
+    assert result.returncode == 1, result.stderr
+    assert "stage 01-distill failed: the loss became nan at epoch 1, step 0" in result.stderr
+    assert "lower the learning rate" in result.stderr and "Traceback" not in result.stderr
+    assert (tmp_path / "nan" / "00-train" / "manifest.json").is_file()
+    assert not (tmp_path / "nan" / "01-distill").exists()
+    report = json.loads((tmp_path / "nan" / "report.json").read_text())
+    assert [s["status"] for s in report["stages"]] == ["done", "failed"]
+
+
+def test_bad_input_exits_2_without_traceback(first_run):
+    tmp, _, _ = first_run
+    (tmp / "bad.yaml").write_text(TINY.replace("epochs: 1,", "epochs: 0,", 1))
+    result = cli("run", "bad.yaml", cwd=tmp)
+    assert result.returncode == 2
+    assert "bad.yaml:8: stages[0].epochs: input should be greater than or equal to 1" in \
+        result.stderr
+    assert "Traceback" not in result.stderr
