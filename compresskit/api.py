@@ -12,6 +12,7 @@ import yaml
 from compresskit import report as report_mod
 from compresskit.artifacts import write_text
 from compresskit.loader import LoadedPipeline, load_dict, load_pipeline
+from compresskit.lock import RunLock
 
 
 def load(pipeline: str | Path | dict[str, Any], overrides: list[str] | tuple[str, ...] = (),
@@ -43,8 +44,13 @@ def run(pipeline: str | Path | dict[str, Any] | LoadedPipeline,
     either way, and the report written so far says which stage failed.
     """
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from compresskit.pipeline import Runner
 
@@ -59,15 +65,17 @@ def run(pipeline: str | Path | dict[str, Any] | LoadedPipeline,
         disable=not show_progress, transient=False)
     runner = Runner(loaded, run_dir, force=force, console=console, progress=progress)
     start = time.perf_counter()
-    try:
-        with progress:
-            runner.run()
-    finally:
-        if runner.records:
-            report = report_mod.build(cfg.name, runner.records, time.perf_counter() - start,
-                                      str(loaded.path))
-            write_text(run_dir / "resolved.yaml",
-                       yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-            report_mod.write(run_dir, report)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(run_dir):
+        try:
+            with progress:
+                runner.run()
+        finally:
+            if runner.records:
+                report = report_mod.build(cfg.name, runner.records, time.perf_counter() - start,
+                                          str(loaded.path))
+                write_text(run_dir / "resolved.yaml",
+                           yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+                report_mod.write(run_dir, report)
     report["run_dir"] = str(run_dir)
     return report

@@ -6,11 +6,12 @@ heavy work, each located at its key's line.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from compresskit.errors import ConfigError, Problem
 from compresskit.loader import LoadedPipeline
-from compresskit.sources import SourceError, resolve
+from compresskit.sources import SourceError, parse_spec, resolve, resolve_path
 
 if TYPE_CHECKING:
     from torch import nn
@@ -23,14 +24,39 @@ def model_seed(seed: int, role: str) -> int:
     return seed * 1000 + ROLES.index(role)
 
 
+def missing_files(loaded: LoadedPipeline) -> list[Problem]:
+    """Source files and checkpoints that do not exist: found without importing torch."""
+    problems = []
+    cfg = loaded.config
+    sections = [("data", cfg.data.source, None)] + [
+        (role, m.source, m.checkpoint) for role in ROLES if (m := getattr(cfg, role)) is not None]
+    for section, source, checkpoint in sections:
+        try:
+            spec = parse_spec(source) if ":" in source or section != "data" else None
+        except SourceError as e:
+            problems.append(loaded.problem((section, "source"), str(e)))
+            continue
+        if spec is not None and spec.is_file and resolve_path(spec.module, loaded.base_dir) is None:
+            problems.append(loaded.problem((section, "source"), (
+                f"file '{spec.module}' not found (looked in {loaded.base_dir} and {Path.cwd()})")))
+        if checkpoint and resolve_path(checkpoint, loaded.base_dir) is None:
+            problems.append(loaded.problem((section, "checkpoint"), (
+                f"{section} checkpoint '{checkpoint}' not found (looked next to the pipeline "
+                "file and in the working directory)")))
+    return problems
+
+
 def deep_check(loaded: LoadedPipeline) -> dict[str, nn.Module]:
     """Build every configured model and run one dry forward pass; return the built models."""
+    problems = missing_files(loaded)
+    flagged = {p.key.split(".")[0] for p in problems if p.key}
     from compresskit import modelio
 
     cfg = loaded.config
-    problems: list[Problem] = []
     models: dict[str, nn.Module] = {}
-    if ":" in cfg.data.source:
+    if "data" in flagged:
+        pass
+    elif ":" in cfg.data.source:
         try:
             resolve(cfg.data.source, loaded.base_dir)
         except SourceError as e:
@@ -45,7 +71,7 @@ def deep_check(loaded: LoadedPipeline) -> dict[str, nn.Module]:
                 problems.append(loaded.problem(("data", "source"), str(e.args[0])))
     for role in ROLES:
         mcfg = getattr(cfg, role)
-        if mcfg is None:
+        if mcfg is None or role in flagged:
             continue
         try:
             model = modelio.instantiate(mcfg, role, loaded.base_dir, model_seed(cfg.seed, role))

@@ -52,8 +52,17 @@ def run(
     force: bool = typer.Option(False, "--force", help="Rerun every stage, ignoring the cache."),
 ) -> None:
     """Run a pipeline; finished stages are cached and skipped on the next run."""
+    import signal
+
     from compresskit import api
 
+    got: list[int] = []
+
+    def stop(signum: int, _frame: object) -> None:
+        got.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         report = api.run(pipeline, overrides or [], output_dir=output_dir, force=force,
                          console=err)
@@ -64,8 +73,9 @@ def run(
         err.print("Finished stages are kept; fix the cause and run the same command to resume.")
         raise typer.Exit(EXIT_STAGE_FAILED) from None
     except KeyboardInterrupt:
-        err.print("\ninterrupted: finished stages are kept; run the same command to resume.")
-        raise typer.Exit(130) from None
+        err.print("\ninterrupted: finished stages and training checkpoints are kept; run the "
+                  "same command to resume.")
+        raise typer.Exit(128 + (got[0] if got else signal.SIGINT)) from None
     _summary(report)
 
 

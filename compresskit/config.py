@@ -81,6 +81,8 @@ class StageBase(Strict):
     """Stage types of which at least one must come earlier in the pipeline."""
     uses_models: ClassVar[tuple[str, ...]] = ()
     """Top-level model sections (teacher/student) this stage needs."""
+    reads_artifacts: ClassVar[bool] = False
+    """Whether the stage reads files written by earlier stages (so it reruns when they change)."""
 
     @property
     def models_needed(self) -> tuple[str, ...]:
@@ -100,6 +102,13 @@ class TrainingOptions(StageBase):
     weight_decay: float = Field(1e-4, ge=0, description="Decoupled weight decay (L2 for sgd).")
     schedule: Literal["cosine", "constant"] = Field(
         "cosine", description="Learning-rate schedule over all steps of the stage."
+    )
+    checkpoint_every: int = Field(
+        1, ge=0,
+        description=(
+            "Save a resumable training checkpoint every N epochs (0: only at the end), so an "
+            "interrupted run resumes inside the stage."
+        ),
     )
 
 
@@ -165,6 +174,7 @@ class BenchmarkConfig(StageBase):
 
     type: Literal["benchmark"]
     needs_before: ClassVar[tuple[str, ...]] = ("export",)
+    reads_artifacts: ClassVar[bool] = True
 
     targets: list[str] = Field(
         default_factory=lambda: ["cpu"],

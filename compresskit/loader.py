@@ -196,7 +196,8 @@ def _yaml_path(loc: Path_) -> Path_:
     """Drop the union tags pydantic puts in locations (stages.1.distill.lr -> stages.1.lr)."""
     out: list[Any] = []
     for i, part in enumerate(loc):
-        if isinstance(part, str) and part in STAGE_CONFIGS and i > 0 and isinstance(loc[i - 1], int):
+        tag = isinstance(part, str) and part in STAGE_CONFIGS
+        if tag and i > 0 and isinstance(loc[i - 1], int):
             continue
         out.append(part)
     return tuple(out)

@@ -50,6 +50,17 @@ def load_checkpoint(model: nn.Module, cfg: ModelConfig, role: str, base_dir: Pat
 
 
 def read_state_dict(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """Tensors only: torch files through weights_only=True, or safetensors; no pickled objects."""
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ModelError(f"{what} is a .safetensors file; pip install safetensors to read "
+                             "it") from None
+        try:
+            return load_file(str(path))
+        except Exception as e:
+            raise ModelError(f"{what} is not a readable safetensors file ({e})") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling refused, truncated file, not a torch file

@@ -1,8 +1,10 @@
 """The stage loop: hash each stage, skip finished ones, run the rest, write manifests and report.
 
-A stage's hash covers its own config and the hash of everything before it (the previous stage,
-or the data, input and model sections with the code and checkpoints they point to). A stage whose
-folder holds a manifest with the same hash is `cached`; changing stage k reruns k and later ones.
+A stage's hash covers its own config and position, the data, and the versions of exactly what it
+reads: each model it uses (its section, code and checkpoint, then the hash of the last stage that
+changed it) and, for stages that read artifacts, the stages that wrote them. A stage whose folder
+holds a manifest with the same hash is `cached`. Changing stage k reruns k and the later stages
+that depend on it; editing the student's kwargs does not retrain the teacher.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from compresskit.artifacts import MANIFEST, DiskFullError, inside, read_json, wr
 from compresskit.checks import ROLES, deep_check, model_seed
 from compresskit.errors import ConfigError, StageError
 from compresskit.loader import LoadedPipeline
-from compresskit.sources import resolve_path, source_digest
+from compresskit.sources import file_digest, resolve_path, source_digest
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -30,14 +32,18 @@ if TYPE_CHECKING:
     from compresskit.data import Splits
 
 STAGE_DIR = re.compile(r"^\d{2}-[a-z]+$")
+NOT_HASHED = {"checkpoint_every"}
+"""Stage keys that change how a stage runs, never what it produces."""
+PARTIAL = ".partial"
+RESUME_STATE = "stage.json"
 
 
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def input_hash(loaded: LoadedPipeline, device: str) -> str:
-    """What every stage depends on: data, input, models, their code and checkpoints, seed."""
+def common_hash(loaded: LoadedPipeline, device: str) -> str:
+    """What every stage depends on: the data (config and code), input, seed, device, version."""
     cfg = loaded.config
     parts: dict[str, Any] = {
         "compresskit": __version__, "seed": cfg.seed, "device": device,
@@ -45,19 +51,23 @@ def input_hash(loaded: LoadedPipeline, device: str) -> str:
     }
     if ":" in cfg.data.source:
         parts["data_code"] = source_digest(cfg.data.source, loaded.base_dir)
+    return _digest(parts)
+
+
+def model_hashes(loaded: LoadedPipeline) -> dict[str, str]:
+    """Initial version of each model: its section, the code behind its source, its checkpoint."""
+    out = {}
     for role in ROLES:
-        mcfg = getattr(cfg, role)
+        mcfg = getattr(loaded.config, role)
         if mcfg is None:
             continue
-        parts[role] = mcfg.model_dump()
-        parts[f"{role}_code"] = source_digest(mcfg.source, loaded.base_dir)
+        parts: dict[str, Any] = {"config": mcfg.model_dump(),
+                                 "code": source_digest(mcfg.source, loaded.base_dir)}
         if mcfg.checkpoint:
             path = resolve_path(mcfg.checkpoint, loaded.base_dir)
-            if path is not None:
-                from compresskit.sources import file_digest
-
-                parts[f"{role}_checkpoint"] = file_digest(path)
-    return _digest(parts)
+            parts["checkpoint"] = file_digest(path) if path is not None else mcfg.checkpoint
+        out[role] = _digest(parts)
+    return out
 
 
 @dataclass
@@ -119,6 +129,7 @@ class Runner:
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> list[StageRecord]:
+        """Run the pipeline; the caller holds the run folder's lock (compresskit.lock)."""
         import torch
 
         from compresskit.stages import STAGES
@@ -128,10 +139,17 @@ class Runner:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         names = [f"{i:02d}-{s.type}" for i, s in enumerate(self.cfg.stages)]
         self._remove_stale(set(names))
-        upstream = input_hash(self.loaded, str(device))
+        common = common_hash(self.loaded, str(device))
+        versions = model_hashes(self.loaded)
+        artifact_writers: list[str] = []
         artifacts: list[dict[str, Any]] = []
-        for index, (stage_cfg, name) in enumerate(zip(self.cfg.stages, names)):
-            stage_hash = _digest([upstream, stage_cfg.model_dump(mode="json")])
+        for index, (stage_cfg, name) in enumerate(zip(self.cfg.stages, names, strict=False)):
+            stage_hash = _digest({
+                "common": common, "index": index,
+                "stage": stage_cfg.model_dump(mode="json", exclude=NOT_HASHED),
+                "models": {r: versions[r] for r in stage_cfg.models_needed},
+                "artifacts": artifact_writers if stage_cfg.reads_artifacts else [],
+            })
             final = self.run_dir / name
             manifest = read_json(final / MANIFEST)
             if (not self.force and isinstance(manifest, dict)
@@ -139,16 +157,14 @@ class Runner:
                     and self._outputs_exist(manifest)):
                 self._adopt(manifest)
                 artifacts += manifest.get("artifacts", [])
+                self._advance(manifest, stage_hash, versions, artifact_writers)
                 self.records.append(StageRecord(index, stage_cfg.type, name, "cached", 0.0,
                                                 manifest))
                 self.console.print(f"[dim]{name}: cached[/dim]")
-                upstream = stage_hash
                 continue
             self.console.print(f"[bold]{name}[/bold]: running")
             start = time.perf_counter()
-            work = self.run_dir / f".{name}.partial"
-            shutil.rmtree(work, ignore_errors=True)
-            work.mkdir(parents=True)
+            work = self._work_dir(name, stage_hash)
             from compresskit.context import StageContext
 
             ctx = StageContext(
@@ -162,7 +178,8 @@ class Runner:
                 manifest = self._commit(index, name, stage_cfg.type, stage_hash, work, final,
                                         result, time.perf_counter() - start)
             except BaseException as e:
-                shutil.rmtree(work, ignore_errors=True)
+                # The work folder stays: its resume checkpoints let the next run continue this
+                # stage (only with the same hash). It holds no manifest, so nothing in it counts.
                 seconds = time.perf_counter() - start
                 self.records.append(StageRecord(index, stage_cfg.type, name, "failed", seconds))
                 if isinstance(e, DiskFullError):
@@ -174,10 +191,19 @@ class Runner:
                     raise ConfigError(str(e)) from None
                 raise
             artifacts += manifest.get("artifacts", [])
+            self._advance(manifest, stage_hash, versions, artifact_writers)
             self.records.append(StageRecord(index, stage_cfg.type, name, "done",
                                             manifest["seconds"], manifest))
-            upstream = stage_hash
         return self.records
+
+    @staticmethod
+    def _advance(manifest: dict[str, Any], stage_hash: str, versions: dict[str, str],
+                 artifact_writers: list[str]) -> None:
+        """The models this stage changed are now at its version; likewise its artifacts."""
+        for role in manifest.get("updated", []):
+            versions[role] = stage_hash
+        if manifest.get("artifacts"):
+            artifact_writers.append(stage_hash)
 
     def _device(self, torch: Any) -> Any:
         want = self.cfg.device
@@ -189,11 +215,24 @@ class Runner:
         return torch.device(want)
 
     def _remove_stale(self, keep: set[str]) -> None:
-        """Stage folders of stages no longer in the pipeline, and leftovers of crashed runs."""
+        """Folders of stages no longer in the pipeline, finished or not."""
         for p in self.run_dir.iterdir():
-            if p.is_dir() and (STAGE_DIR.match(p.name) and p.name not in keep
-                               or p.name.endswith(".partial")):
+            stage = p.name[1:-len(PARTIAL)] if p.name.endswith(PARTIAL) else p.name
+            if p.is_dir() and STAGE_DIR.match(stage) and stage not in keep:
                 shutil.rmtree(p, ignore_errors=True)
+
+    def _work_dir(self, name: str, stage_hash: str) -> Path:
+        """The stage's unfinished folder: kept from an interrupted run of the very same stage
+        (so training resumes inside it), else made anew."""
+        work = self.run_dir / f".{name}{PARTIAL}"
+        marker = read_json(work / RESUME_STATE)
+        if not (isinstance(marker, dict) and marker.get("hash") == stage_hash):
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+            write_json(work / RESUME_STATE, {"hash": stage_hash})
+        else:
+            self.console.print(f"  [dim]{name}[/dim] resuming from the interrupted run")
+        return work
 
     def _outputs_exist(self, manifest: dict[str, Any]) -> bool:
         """A manifest whose files are gone, or that points outside the run folder, is stale."""
@@ -206,7 +245,8 @@ class Runner:
 
     def _adopt(self, manifest: dict[str, Any]) -> None:
         """Take a cached stage's outputs as the current state; live models reload lazily."""
-        for role, path in manifest.get("state", {}).items():
+        for role in manifest.get("updated", []):
+            path = manifest.get("state", {}).get(role)
             if path != self._state.get(role):
                 self._state[role] = path
                 self._models.pop(role, None)
@@ -222,10 +262,13 @@ class Runner:
         manifest = {
             "stage": name, "index": index, "type": kind, "hash": stage_hash, "status": "done",
             "seconds": round(seconds, 3), "params": result.params, "metrics": result.metrics,
-            "state": dict(self._state), "artifacts": result.artifacts,
+            "state": dict(self._state), "updated": sorted(result.updated),
+            "artifacts": result.artifacts,
             "benchmarks": result.benchmarks, "compresskit_version": __version__,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+        for leftover in [*work.glob("*.resume.pt"), work / RESUME_STATE]:
+            leftover.unlink(missing_ok=True)
         write_json(work / MANIFEST, manifest)
         if final.exists():
             shutil.rmtree(final)

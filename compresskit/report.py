@@ -64,7 +64,8 @@ def headline(report: dict[str, Any]) -> list[str]:
             continue
         t = by_key[(target, bs, "teacher")]
         lines.append(
-            f"On {target} at batch {bs}, the student ONNX runs {t['latency_ms']['p50'] / b['latency_ms']['p50']:.1f}x "
+            f"On {target} at batch {bs}, the student ONNX runs "
+            f"{t['latency_ms']['p50'] / b['latency_ms']['p50']:.1f}x "
             f"faster than the teacher ONNX (p50 {b['latency_ms']['p50']:.3f} vs "
             f"{t['latency_ms']['p50']:.3f} ms) at {100 * (b['accuracy'] - t['accuracy']):+.1f} "
             f"points, in a {t['bytes'] / max(1, b['bytes']):.0f}x smaller file.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -62,20 +63,58 @@ def evaluate(model: nn.Module, ds: Dataset, batch_size: int, device: torch.devic
     return accuracy(logits, labels)
 
 
+def _save_resume(path: Path, epoch: int, model: nn.Module, opt: torch.optim.Optimizer,
+                 sched: Any, gen: torch.Generator, history: dict[str, list[float]]) -> None:
+    from compresskit.artifacts import atomic_path
+
+    state = {"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
+             "schedule": sched.state_dict(), "generator": gen.get_state(),
+             "rng": torch.get_rng_state(), "history": history}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_resume(path: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: Any,
+                 gen: torch.Generator) -> tuple[int, dict[str, list[float]]] | None:
+    """Restore everything a resumed run needs to continue bit for bit; None if unusable."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["schedule"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["rng"])
+        return int(state["epoch"]), state["history"]
+    except (OSError, RuntimeError, KeyError, ValueError, EOFError):
+        return None
+
+
 def fit(model: nn.Module, train: Dataset, opts: TrainingOptions, *, batch_size: int,
         step: StepFn, device: torch.device, seed: int, progress: Any = None, desc: str = "train",
         val: Dataset | None = None, eval_batch_size: int = 256,
-        extra_params: list[nn.Parameter] | None = None) -> dict[str, Any]:
-    """Train `model` in place for opts.epochs; returns the loss and val-accuracy history."""
+        extra_params: list[nn.Parameter] | None = None,
+        resume: Path | None = None) -> dict[str, Any]:
+    """Train `model` in place for opts.epochs; returns the loss and val-accuracy history.
+
+    With `resume`, a checkpoint (weights, optimiser, schedule, shuffling and RNG state) is saved
+    there every `opts.checkpoint_every` epochs and at the end, and a later call with the same path
+    continues from it, producing the same weights as an uninterrupted run.
+    """
     model.to(device)
     data = loader(train, batch_size, shuffle=True, seed=seed)
     params = [p for p in model.parameters() if p.requires_grad] + list(extra_params or [])
     opt = make_optimizer(params, opts)
     sched = make_schedule(opt, opts, opts.epochs * len(data))
     history: dict[str, list[float]] = {"loss": [], "val_accuracy": []}
-    task = progress.add_task(desc, total=opts.epochs, info="") if progress is not None else None
-    global_step = 0
-    for epoch in range(opts.epochs):
+    start = 0
+    if resume is not None and resume.exists():
+        restored = _load_resume(resume, model, opt, sched, data.generator)
+        if restored is not None:
+            start, history = restored
+    task = progress.add_task(desc, total=opts.epochs, info="", completed=start) \
+        if progress is not None else None
+    global_step = start * len(data)
+    for epoch in range(start, opts.epochs):
         model.train()
         total, count = 0.0, 0
         for x, y in data:
@@ -101,6 +140,10 @@ def fit(model: nn.Module, train: Dataset, opts: TrainingOptions, *, batch_size: 
             info += f"  val acc {history['val_accuracy'][-1]:.4f}"
         if task is not None:
             progress.update(task, advance=1, info=info)
+        last = epoch + 1 == opts.epochs
+        if resume is not None and (last or (opts.checkpoint_every
+                                            and (epoch + 1) % opts.checkpoint_every == 0)):
+            _save_resume(resume, epoch + 1, model, opt, sched, data.generator, history)
     return history
 
 

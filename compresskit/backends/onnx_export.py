@@ -1,5 +1,8 @@
-"""torch -> ONNX. The TorchScript exporter (dynamo=False): it handles the stripped QAT graphs the
-dynamo exporter fails on (shared/facts.md), is fast, and writes the same bytes for the same model."""
+"""torch -> ONNX with the TorchScript exporter (dynamo=False).
+
+It handles the stripped QAT graphs the dynamo exporter fails on (shared/facts.md), is fast, and
+writes the same bytes for the same model.
+"""
 
 from __future__ import annotations
 

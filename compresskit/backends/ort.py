@@ -44,7 +44,7 @@ def session_options(target: Target, threads: int) -> ort.SessionOptions:
 def session(path: Path | str, target: Target, threads: int) -> ort.InferenceSession:
     providers: list[Any] = list(target.providers)
     if target.provider_options:
-        providers = list(zip(target.providers, target.provider_options))
+        providers = list(zip(target.providers, target.provider_options, strict=False))
     return ort.InferenceSession(str(path), sess_options=session_options(target, threads),
                                 providers=providers)
 

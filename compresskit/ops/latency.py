@@ -33,5 +33,5 @@ def median_ratio(a_ms: Sequence[float], b_ms: Sequence[float]) -> float:
     hits both variants alike."""
     if len(a_ms) != len(b_ms) or not a_ms:
         raise ValueError("interleaved timings must be paired")
-    ratios = sorted(a / b for a, b in zip(a_ms, b_ms) if b > 0)
+    ratios = sorted(a / b for a, b in zip(a_ms, b_ms, strict=False) if b > 0)
     return percentile(ratios, 50)

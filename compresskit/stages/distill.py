@@ -32,7 +32,7 @@ def run(cfg: DistillConfig, ctx: StageContext) -> StageResult:
                   progress=ctx.progress, val=data.val, eval_batch_size=bs)
     try:
         history = fit(student, data.train, cfg, step=step, desc=f"{ctx.name} student",
-                      **common)  # type: ignore[arg-type]
+                      resume=ctx.work_dir / "student.resume.pt", **common)  # type: ignore[arg-type]
     except Diverged as e:
         raise StageError(ctx.name, str(e)) from None
     metrics = {
@@ -44,7 +44,8 @@ def run(cfg: DistillConfig, ctx: StageContext) -> StageResult:
     if initial is not None:
         try:
             fit(initial, data.train, cfg, step=cross_entropy_step,
-                desc=f"{ctx.name} baseline (no teacher)", **common)  # type: ignore[arg-type]
+                desc=f"{ctx.name} baseline (no teacher)",
+                resume=ctx.work_dir / "baseline.resume.pt", **common)  # type: ignore[arg-type]
         except Diverged as e:
             raise StageError(ctx.name, f"baseline: {e}") from None
         metrics["baseline_accuracy"] = evaluate(initial, data.eval, bs, ctx.device)

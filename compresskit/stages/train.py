@@ -17,7 +17,7 @@ def run(cfg: TrainConfig, ctx: StageContext) -> StageResult:
         history = fit(model, data.train, cfg, batch_size=ctx.config.data.batch_size,
                       step=cross_entropy_step, device=ctx.device, seed=ctx.seed,
                       progress=ctx.progress, desc=f"{ctx.name} {cfg.model}",
-                      val=data.val, eval_batch_size=bs)
+                      val=data.val, eval_batch_size=bs, resume=ctx.work_dir / "train.resume.pt")
     except Diverged as e:
         raise StageError(ctx.name, str(e)) from None
     acc = evaluate(model, data.eval, bs, ctx.device)

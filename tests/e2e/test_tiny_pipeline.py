@@ -122,3 +122,14 @@ def test_bad_input_exits_2_without_traceback(first_run):
     assert "bad.yaml:8: stages[0].epochs: input should be greater than or equal to 1" in \
         result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_changing_the_student_does_not_retrain_the_teacher(first_run, tmp_path):
+    import shutil
+
+    tmp, _, _ = first_run
+    shutil.copytree(tmp / "runs" / "tiny", tmp_path / "w", dirs_exist_ok=True)
+    result = cli("run", "pipe.yaml", "student.kwargs.width=3", "-o", str(tmp_path / "w"), cwd=tmp)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "w" / "report.json").read_text())
+    assert [s["status"] for s in report["stages"]] == ["cached", "done", "done", "done"]

@@ -14,7 +14,8 @@ runner = CliRunner()
 
 
 def _modules_after(code: str) -> set[str]:
-    out = subprocess.run([sys.executable, "-c", code + "\nimport sys\nprint(' '.join(sys.modules))"],
+    code += "\nimport sys\nprint(' '.join(sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code],
                          capture_output=True, text=True, check=True)
     return set(out.stdout.split())
 

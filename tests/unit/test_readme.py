@@ -9,7 +9,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _blocks() -> list[str]:
-    spec = importlib.util.spec_from_file_location("readme_command", ROOT / ".ci" / "readme_command.py")
+    path = ROOT / ".ci" / "readme_command.py"
+    spec = importlib.util.spec_from_file_location("readme_command", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.quickstart_blocks((ROOT / "README.md").read_text())
