@@ -95,11 +95,13 @@ def _summary(report: dict[str, Any]) -> None:
         b = Table(title="onnxruntime, measured on the exported files", title_justify="left")
         for col in ("artifact", "target", "batch", "p50 ms", "p90 ms", "p99 ms", "per s",
                     "peak MB", "accuracy"):
-            b.add_column(col, justify="left" if col in ("artifact", "target") else "right")
+            b.add_column(col, justify="left" if col in ("artifact", "target") else "right",
+                         no_wrap=True, min_width=12 if col == "artifact" else None)
         for row in report["benchmarks"]:
             lat = row["latency_ms"]
             mem = row["peak_rss_mb"]
-            b.add_row(row["artifact"], row["target"], str(row["batch_size"]),
+            b.add_row(Path(row["artifact"]).name.removesuffix(".onnx"), row["target"],
+                      str(row["batch_size"]),
                       f"{lat['p50']:.3f}", f"{lat['p90']:.3f}", f"{lat['p99']:.3f}",
                       f"{row['throughput_per_s']:.0f}", "-" if mem is None else f"{mem:.1f}",
                       f"{row['accuracy']:.4f}")
