@@ -52,25 +52,36 @@ def run(pipeline: str | Path | dict[str, Any] | LoadedPipeline,
         TimeRemainingColumn,
     )
 
+    from compresskit import distributed as dist
     from compresskit.pipeline import Runner
 
     loaded = (pipeline if isinstance(pipeline, LoadedPipeline)
               else load(pipeline, overrides, base_dir))
     cfg = loaded.config
     run_dir = Path(output_dir) if output_dir else Path("runs") / cfg.name
-    console = console or Console(stderr=True)
+    main = dist.is_main()
+    console = console if main and console is not None else Console(stderr=True, quiet=not main)
+    show_progress = show_progress and main
     progress = Progress(TextColumn("  {task.description}"), BarColumn(), TextColumn(
         "epoch {task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
         disable=not show_progress, transient=False)
-    runner = Runner(loaded, run_dir, force=force, console=console, progress=progress)
+    runner = Runner(loaded, run_dir, force=force, console=console,
+                    progress=progress if main else None)
     start = time.perf_counter()
+    if not main:  # torchrun's other ranks train; rank 0 alone owns the run folder
+        try:
+            runner.run()
+        finally:
+            dist.shutdown()
+        return {"run_dir": str(run_dir), "rank": dist.rank()}
     run_dir.mkdir(parents=True, exist_ok=True)
     with RunLock(run_dir):
         try:
             with progress:
                 runner.run()
         finally:
+            dist.shutdown()
             if runner.records:
                 report = report_mod.build(cfg.name, runner.records, time.perf_counter() - start,
                                           str(loaded.path))

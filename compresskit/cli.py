@@ -50,11 +50,18 @@ def run(
     output_dir: Path = typer.Option(None, "--output-dir", "-o",
                                     help="Run folder (default: runs/<name>)."),
     force: bool = typer.Option(False, "--force", help="Rerun every stage, ignoring the cache."),
+    nproc: int = typer.Option(
+        None, "--nproc", min=1,
+        help="Train with N processes on this machine (launches torchrun for you)."),
 ) -> None:
     """Run a pipeline; finished stages are cached and skipped on the next run."""
     import signal
 
-    from compresskit import api
+    from compresskit import api, distributed
+
+    if nproc and nproc > 1 and not distributed.launched():
+        raise typer.Exit(_torchrun(nproc, pipeline, overrides or [], output_dir, force))
+    main = distributed.is_main()
 
     got: list[int] = []
 
@@ -67,16 +74,37 @@ def run(
         report = api.run(pipeline, overrides or [], output_dir=output_dir, force=force,
                          console=err)
     except ConfigError as e:
+        if not main:  # every rank finds the same problem; rank 0 says it once
+            raise typer.Exit(EXIT_BAD_INPUT) from None
         _fail_config(e)
     except StageError as e:
-        err.print(f"[red]error:[/red] {e}", markup=True)
-        err.print("Finished stages are kept; fix the cause and run the same command to resume.")
+        if main:
+            err.print(f"[red]error:[/red] {e}", markup=True)
+            err.print("Finished stages are kept; fix the cause and run the same command to "
+                      "resume.")
         raise typer.Exit(EXIT_STAGE_FAILED) from None
     except KeyboardInterrupt:
-        err.print("\ninterrupted: finished stages and training checkpoints are kept; run the "
-                  "same command to resume.")
+        if main:
+            err.print("\ninterrupted: finished stages and training checkpoints are kept; run "
+                      "the same command to resume.")
         raise typer.Exit(128 + (got[0] if got else signal.SIGINT)) from None
-    _summary(report)
+    if main:
+        _summary(report)
+
+
+def _torchrun(nproc: int, pipeline: Path, overrides: list[str], output_dir: Path | None,
+              force: bool) -> int:
+    """`--nproc N`: the same command under torchrun, one machine, N processes."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", "-m", "compresskit", "run", str(pipeline), *overrides]
+    if output_dir:
+        cmd += ["--output-dir", str(output_dir)]
+    if force:
+        cmd.append("--force")
+    err.print(f"launching: {' '.join(cmd[1:])}", markup=False)
+    return subprocess.call(cmd)
 
 
 def _summary(report: dict[str, Any]) -> None:

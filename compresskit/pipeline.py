@@ -13,12 +13,14 @@ import hashlib
 import json
 import re
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from compresskit import __version__
+from compresskit import distributed as dist
 from compresskit.artifacts import MANIFEST, DiskFullError, inside, read_json, write_json
 from compresskit.checks import ROLES, deep_check, model_seed
 from compresskit.errors import ConfigError, StageError
@@ -42,11 +44,12 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def common_hash(loaded: LoadedPipeline, device: str) -> str:
-    """What every stage depends on: the data (config and code), input, seed, device, version."""
+def common_hash(loaded: LoadedPipeline, device: str, world_size: int = 1) -> str:
+    """What every stage depends on: the data (config and code), input, seed, version, and where
+    it runs (cpu or cuda, how many processes), since those change the numbers."""
     cfg = loaded.config
     parts: dict[str, Any] = {
-        "compresskit": __version__, "seed": cfg.seed, "device": device,
+        "compresskit": __version__, "seed": cfg.seed, "device": device, "world_size": world_size,
         "data": cfg.data.model_dump(), "input": cfg.input.model_dump(),
     }
     if ":" in cfg.data.source:
@@ -134,12 +137,14 @@ class Runner:
 
         from compresskit.stages import STAGES
 
-        device = self._device(torch)
+        device = dist.init(self._device_kind(torch))
+        main = dist.is_main()
         self._fresh = deep_check(self.loaded)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         names = [f"{i:02d}-{s.type}" for i, s in enumerate(self.cfg.stages)]
-        self._remove_stale(set(names))
-        common = common_hash(self.loaded, str(device))
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._remove_stale(set(names))
+        common = common_hash(self.loaded, device.type, dist.world_size())
         versions = model_hashes(self.loaded)
         artifact_writers: list[str] = []
         artifacts: list[dict[str, Any]] = []
@@ -151,20 +156,30 @@ class Runner:
                 "artifacts": artifact_writers if stage_cfg.reads_artifacts else [],
             })
             final = self.run_dir / name
-            manifest = read_json(final / MANIFEST)
-            if (not self.force and isinstance(manifest, dict)
-                    and manifest.get("hash") == stage_hash and manifest.get("status") == "done"
-                    and self._outputs_exist(manifest)):
-                self._adopt(manifest)
+            manifest = read_json(final / MANIFEST) if main else None
+            cached = (not self.force and isinstance(manifest, dict)
+                      and manifest.get("hash") == stage_hash and manifest.get("status") == "done"
+                      and self._outputs_exist(manifest))
+            # Rank 0 alone reads the run folder; the others follow its decision.
+            manifest = dist.broadcast_object(manifest if cached else None)
+            if manifest is not None:
+                if main:  # other ranks keep their live models; rank 0 broadcasts before use
+                    self._adopt(manifest)
                 artifacts += manifest.get("artifacts", [])
                 self._advance(manifest, stage_hash, versions, artifact_writers)
                 self.records.append(StageRecord(index, stage_cfg.type, name, "cached", 0.0,
                                                 manifest))
                 self.console.print(f"[dim]{name}: cached[/dim]")
                 continue
+            if not stage_cfg.changes_model and not main:
+                dist.barrier()  # export, benchmark: rank 0's work, with rank 0's files
+                continue
             self.console.print(f"[bold]{name}[/bold]: running")
             start = time.perf_counter()
-            work = self._work_dir(name, stage_hash)
+            work = self._work_dir(name, stage_hash) if main else Path(tempfile.mkdtemp())
+            if stage_cfg.changes_model:  # same weights on every rank before training
+                for role in stage_cfg.models_needed:
+                    dist.broadcast_module(self._model(role))
             from compresskit.context import StageContext
 
             ctx = StageContext(
@@ -175,8 +190,15 @@ class Runner:
             try:
                 torch.manual_seed(ctx.seed)
                 result = STAGES.get(stage_cfg.type)(stage_cfg, ctx)
-                manifest = self._commit(index, name, stage_cfg.type, stage_hash, work, final,
-                                        result, time.perf_counter() - start)
+                if main:
+                    manifest = self._commit(index, name, stage_cfg.type, stage_hash, work,
+                                            final, result, time.perf_counter() - start)
+                else:
+                    self._models.update(result.updated)
+                    manifest = {"updated": sorted(result.updated), "seconds": 0.0}
+                    shutil.rmtree(work, ignore_errors=True)
+                if not stage_cfg.changes_model:
+                    dist.barrier()
             except BaseException as e:
                 # The work folder stays: its resume checkpoints let the next run continue this
                 # stage (only with the same hash). It holds no manifest, so nothing in it counts.
@@ -205,14 +227,14 @@ class Runner:
         if manifest.get("artifacts"):
             artifact_writers.append(stage_hash)
 
-    def _device(self, torch: Any) -> Any:
+    def _device_kind(self, torch: Any) -> str:
         want = self.cfg.device
         if want == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device: cuda, but torch sees no CUDA GPU on this machine; use "
                               "device: auto or cpu")
         if want == "auto":
             want = "cuda" if torch.cuda.is_available() else "cpu"
-        return torch.device(want)
+        return want
 
     def _remove_stale(self, keep: set[str]) -> None:
         """Folders of stages no longer in the pipeline, finished or not."""

@@ -65,8 +65,9 @@ def headline(report: dict[str, Any]) -> list[str]:
         t = by_key[(target, bs, "teacher")]
         speedup = (b["speedup"] if b.get("speedup_vs") == t["artifact"]
                    else t["latency_ms"]["p50"] / b["latency_ms"]["p50"])
+        pace = f"{speedup:.1f}x faster" if speedup >= 1 else f"{1 / speedup:.1f}x slower"
         lines.append(
-            f"On {target} at batch {bs}, the student ONNX runs {speedup:.1f}x faster than the "
+            f"On {target} at batch {bs}, the student ONNX runs {pace} than the "
             f"teacher ONNX (p50 {b['latency_ms']['p50']:.3f} vs "
             f"{t['latency_ms']['p50']:.3f} ms) at {100 * (b['accuracy'] - t['accuracy']):+.1f} "
             f"points, in a {t['bytes'] / max(1, b['bytes']):.0f}x smaller file.")

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from compresskit import distributed as dist
 from compresskit.config import TrainingOptions
 
 StepFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
@@ -18,6 +19,10 @@ StepFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, d
 
 class Diverged(Exception):
     """The loss became NaN or Inf; the message names the step and the loss terms."""
+
+
+class ReplicasDiverged(Diverged):
+    """Under torchrun, the ranks ended a stage with different weights."""
 
 
 def loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
@@ -74,18 +79,28 @@ def _save_resume(path: Path, epoch: int, model: nn.Module, opt: torch.optim.Opti
         torch.save(state, tmp)
 
 
-def _load_resume(path: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: Any,
+def _read_resume(path: Path | None) -> dict[str, Any] | None:
+    """Rank 0 reads the resume state and hands it to every rank (no shared disk needed)."""
+    state = None
+    if dist.is_main() and path is not None and path.exists():
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, EOFError, ValueError):
+            state = None
+    return dist.broadcast_object(state)
+
+
+def _load_resume(state: dict[str, Any], model: nn.Module, opt: torch.optim.Optimizer, sched: Any,
                  gen: torch.Generator) -> tuple[int, dict[str, list[float]]] | None:
     """Restore everything a resumed run needs to continue bit for bit; None if unusable."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["schedule"])
         gen.set_state(state["generator"])
         torch.set_rng_state(state["rng"])
         return int(state["epoch"]), state["history"]
-    except (OSError, RuntimeError, KeyError, ValueError, EOFError):
+    except (RuntimeError, KeyError, ValueError, TypeError):
         return None
 
 
@@ -101,14 +116,16 @@ def fit(model: nn.Module, train: Dataset, opts: TrainingOptions, *, batch_size: 
     continues from it, producing the same weights as an uninterrupted run.
     """
     model.to(device)
-    data = loader(train, batch_size, shuffle=True, seed=seed)
+    data, sampler = _train_loader(train, batch_size, seed)
+    net = _wrap(model, device)
     params = [p for p in model.parameters() if p.requires_grad] + list(extra_params or [])
     opt = make_optimizer(params, opts)
     sched = make_schedule(opt, opts, opts.epochs * len(data))
     history: dict[str, list[float]] = {"loss": [], "val_accuracy": []}
     start = 0
-    if resume is not None and resume.exists():
-        restored = _load_resume(resume, model, opt, sched, data.generator)
+    state = _read_resume(resume)
+    if state is not None:
+        restored = _load_resume(state, model, opt, sched, data.generator)
         if restored is not None:
             start, history = restored
     task = progress.add_task(desc, total=opts.epochs, info="", completed=start) \
@@ -116,11 +133,14 @@ def fit(model: nn.Module, train: Dataset, opts: TrainingOptions, *, batch_size: 
     global_step = start * len(data)
     for epoch in range(start, opts.epochs):
         model.train()
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         total, count = 0.0, 0
         for x, y in data:
             x, y = x.to(device), y.to(device)
-            loss, terms = step(model, x, y)
-            if not math.isfinite(float(loss.detach())):
+            loss, terms = step(net, x, y)
+            # Under torchrun every rank sees the mean, so all stop together on a NaN.
+            if not math.isfinite(dist.mean(float(loss.detach()), device)):
                 shown = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
                 raise Diverged(
                     f"the loss became {float(loss.detach())} at epoch {epoch + 1}, step "
@@ -133,7 +153,7 @@ def fit(model: nn.Module, train: Dataset, opts: TrainingOptions, *, batch_size: 
             total += float(loss.detach()) * len(x)
             count += len(x)
             global_step += 1
-        history["loss"].append(total / max(1, count))
+        history["loss"].append(dist.mean(total / max(1, count), device))
         info = f"loss {history['loss'][-1]:.4f}"
         if val is not None:
             history["val_accuracy"].append(evaluate(model, val, eval_batch_size, device))
@@ -141,10 +161,38 @@ def fit(model: nn.Module, train: Dataset, opts: TrainingOptions, *, batch_size: 
         if task is not None:
             progress.update(task, advance=1, info=info)
         last = epoch + 1 == opts.epochs
-        if resume is not None and (last or (opts.checkpoint_every
-                                            and (epoch + 1) % opts.checkpoint_every == 0)):
+        if resume is not None and dist.is_main() and (
+                last or (opts.checkpoint_every and (epoch + 1) % opts.checkpoint_every == 0)):
             _save_resume(resume, epoch + 1, model, opt, sched, data.generator, history)
+    mismatch = dist.replica_mismatch(model, device)
+    if mismatch:
+        raise ReplicasDiverged(f"after training, {mismatch}; this is a bug in a model that "
+                               "keeps state outside parameters and buffers, or in compresskit")
     return history
+
+
+def _train_loader(train: Dataset, batch_size: int, seed: int) -> tuple[DataLoader, Any]:
+    """One process: shuffled batches. Under torchrun: each rank a shard of each epoch, with
+    `batch_size` the global batch (split across ranks), so steps per epoch stay the same."""
+    if not dist.active():
+        return loader(train, batch_size, shuffle=True, seed=seed), None
+    from torch.utils.data.distributed import DistributedSampler
+
+    sampler = DistributedSampler(train, num_replicas=dist.world_size(), rank=dist.rank(),
+                                 shuffle=True, seed=seed)
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    per_rank = max(1, batch_size // dist.world_size())
+    return DataLoader(train, batch_size=per_rank, sampler=sampler, generator=gen), sampler
+
+
+def _wrap(model: nn.Module, device: torch.device) -> nn.Module:
+    if not dist.active():
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def cross_entropy_step(model: nn.Module, x: torch.Tensor,

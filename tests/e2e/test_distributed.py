@@ -1,0 +1,70 @@
+"""Training stages under torchrun: gloo on CPU here, nccl on a GPU machine when there is one."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, TINY
+
+
+def run(args: list[str], cwd, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "compresskit", "run", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_two_processes_write_one_report_and_one_set_of_artifacts(tiny_pipeline, tmp_path):
+    result = run([str(tiny_pipeline), "--nproc", "2", "-o", str(tmp_path / "ddp")], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "launching: -m torch.distributed.run --standalone --nproc_per_node=2" in result.stderr
+    report = json.loads((tmp_path / "ddp" / "report.json").read_text())
+    assert [s["status"] for s in report["stages"]] == ["done"] * 4
+    assert sorted(p.name for p in (tmp_path / "ddp" / "artifacts").iterdir()) == [
+        "student.fp32.onnx", "teacher.fp32.onnx"]
+    assert result.stdout.count("report:") == 1  # rank 0 alone speaks
+    assert result.stderr.count("00-train: running") == 1
+    # cached on the next distributed run, but not reused by a single-process run
+    again = run([str(tiny_pipeline), "--nproc", "2", "-o", str(tmp_path / "ddp")], tmp_path)
+    assert json.loads((tmp_path / "ddp" / "report.json").read_text())["stages"][0]["status"] \
+        == "cached", again.stderr
+
+
+def test_a_failing_rank_stops_the_job_with_one_message(write_pipeline, tmp_path):
+    path = write_pipeline(TINY.replace("epochs: 1, lr: 0.03", "epochs: 1, lr: 0.03, "
+                                       "optimizer: sgd, weight_decay: 1.0e+30"))
+    result = run([str(path), "--nproc", "2", "-o", str(tmp_path / "nan")], tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.count("stage 00-train failed: the loss became") == 1, result.stderr
+
+
+@pytest.mark.slow
+def test_digits_two_processes_match_one_within_a_point(tmp_path):
+    one = run(["pipelines/digits.yaml", "-o", str(tmp_path / "one")], ROOT)
+    two = run(["pipelines/digits.yaml", "--nproc", "2", "-o", str(tmp_path / "two")], ROOT)
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+
+    def accuracies(name):
+        report = json.loads((tmp_path / name / "report.json").read_text())
+        return {(b["model"], b["batch_size"]): b["accuracy"] for b in report["benchmarks"]}
+
+    a, b = accuracies("one"), accuracies("two")
+    for key in a:
+        assert abs(a[key] - b[key]) <= 0.01, (key, a[key], b[key])
+
+
+@pytest.mark.skipif(not os.environ.get("COMPRESSKIT_GPU_TESTS"),
+                    reason="needs a CUDA GPU with onnxruntime-gpu; set COMPRESSKIT_GPU_TESTS=1 "
+                           "on such a machine")
+def test_nccl_on_gpu(tiny_pipeline, tmp_path):  # pragma: no cover - no GPU on CI machines
+    import torch
+
+    n = torch.cuda.device_count()
+    result = run([str(tiny_pipeline), "device=cuda", "--nproc", str(max(1, min(2, n))),
+                  "-o", str(tmp_path / "gpu")], tmp_path)
+    assert result.returncode == 0, result.stderr
