@@ -54,21 +54,18 @@ def deep_check(loaded: LoadedPipeline) -> dict[str, nn.Module]:
 
     cfg = loaded.config
     models: dict[str, nn.Module] = {}
-    if "data" in flagged:
-        pass
-    elif ":" in cfg.data.source:
-        try:
-            resolve(cfg.data.source, loaded.base_dir)
-        except SourceError as e:
-            problems.append(loaded.problem(("data", "source"), str(e)))
-    else:
+    if "data" not in flagged:
         from compresskit.data import DATASETS
 
-        if cfg.data.source not in DATASETS:
-            try:
+        try:
+            if ":" in cfg.data.source:
+                resolve(cfg.data.source, loaded.base_dir)
+            else:
                 DATASETS.get(cfg.data.source)
-            except KeyError as e:
-                problems.append(loaded.problem(("data", "source"), str(e.args[0])))
+        except SourceError as e:
+            problems.append(loaded.problem(("data", "source"), str(e)))
+        except KeyError as e:
+            problems.append(loaded.problem(("data", "source"), str(e.args[0])))
     for role in ROLES:
         mcfg = getattr(cfg, role)
         if mcfg is None or role in flagged:

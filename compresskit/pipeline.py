@@ -21,11 +21,18 @@ from typing import TYPE_CHECKING, Any
 
 from compresskit import __version__
 from compresskit import distributed as dist
-from compresskit.artifacts import MANIFEST, DiskFullError, inside, read_json, write_json
+from compresskit.artifacts import (
+    MANIFEST,
+    DiskFullError,
+    inside,
+    read_json,
+    sha256_file,
+    write_json,
+)
 from compresskit.checks import ROLES, deep_check, model_seed
 from compresskit.errors import ConfigError, StageError
 from compresskit.loader import LoadedPipeline
-from compresskit.sources import file_digest, resolve_path, source_digest
+from compresskit.sources import resolve_path, source_digest
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -68,7 +75,7 @@ def model_hashes(loaded: LoadedPipeline) -> dict[str, str]:
                                  "code": source_digest(mcfg.source, loaded.base_dir)}
         if mcfg.checkpoint:
             path = resolve_path(mcfg.checkpoint, loaded.base_dir)
-            parts["checkpoint"] = file_digest(path) if path is not None else mcfg.checkpoint
+            parts["checkpoint"] = sha256_file(path) if path is not None else mcfg.checkpoint
         out[role] = _digest(parts)
     return out
 

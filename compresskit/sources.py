@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from compresskit.artifacts import sha256_file
+
 
 class SourceError(Exception):
     """A source that does not resolve; the message says why and what to do."""
@@ -133,14 +135,6 @@ def call_user(fn: Callable[..., Any], kwargs: dict[str, Any], what: str) -> Any:
         raise SourceError(f"{what} raised {_user_error(e, path)}") from None
 
 
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def source_digest(spec: str, base_dir: Path) -> str:
     """Hash of the code behind a source, so editing a model file invalidates cached stages."""
     try:
@@ -149,7 +143,7 @@ def source_digest(spec: str, base_dir: Path) -> str:
         return spec
     if parsed.is_file:
         path = resolve_path(parsed.module, base_dir)
-        return file_digest(path) if path else spec
+        return sha256_file(path) if path else spec
     origin = None
     try:
         found = importlib.util.find_spec(parsed.module)
@@ -157,5 +151,5 @@ def source_digest(spec: str, base_dir: Path) -> str:
     except (ImportError, ValueError):
         origin = None
     if origin and Path(origin).is_file():
-        return file_digest(Path(origin))
+        return sha256_file(Path(origin))
     return spec

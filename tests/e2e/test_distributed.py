@@ -44,18 +44,23 @@ def test_a_failing_rank_stops_the_job_with_one_message(write_pipeline, tmp_path)
 
 @pytest.mark.slow
 def test_digits_two_processes_match_one_within_a_point(tmp_path):
-    one = run(["pipelines/digits.yaml", "-o", str(tmp_path / "one")], ROOT)
-    two = run(["pipelines/digits.yaml", "--nproc", "2", "-o", str(tmp_path / "two")], ROOT)
-    assert one.returncode == 0, one.stderr
-    assert two.returncode == 0, two.stderr
+    """Mean over two seeds of the exported teacher's and student's accuracy (360 test digits:
+    one digit is 0.28 points, so a single seed's difference is mostly sampling noise)."""
 
-    def accuracies(name):
-        report = json.loads((tmp_path / name / "report.json").read_text())
-        return {(b["model"], b["batch_size"]): b["accuracy"] for b in report["benchmarks"]}
+    def accuracies(*args: str) -> dict:
+        out = tmp_path / "-".join(args).replace("=", "")
+        result = run(["pipelines/digits.yaml", *args, "-o", str(out)], ROOT)
+        assert result.returncode == 0, result.stderr
+        report = json.loads((out / "report.json").read_text())
+        return {b["model"]: b["accuracy"] for b in report["benchmarks"] if b["batch_size"] == 1}
 
-    a, b = accuracies("one"), accuracies("two")
-    for key in a:
-        assert abs(a[key] - b[key]) <= 0.01, (key, a[key], b[key])
+    seeds = ("seed=0", "seed=1")
+    one = [accuracies(s) for s in seeds]
+    two = [accuracies(s, "--nproc", "2") for s in seeds]
+    for model in ("teacher", "student"):
+        mean_one = sum(r[model] for r in one) / len(seeds)
+        mean_two = sum(r[model] for r in two) / len(seeds)
+        assert abs(mean_one - mean_two) <= 0.01, (model, one, two)
 
 
 @pytest.mark.skipif(not os.environ.get("COMPRESSKIT_GPU_TESTS"),
