@@ -153,7 +153,7 @@ class ExportConfig(StageBase):
     type: Literal["export"]
 
     models: list[ModelRole] = Field(
-        default_factory=lambda: ["teacher", "student"],
+        default_factory=lambda: list[ModelRole](("teacher", "student")),
         min_length=1,
         description="Models to export; each becomes artifacts/<model>.fp32.onnx.",
     )
@@ -223,7 +223,8 @@ class PipelineConfig(Strict):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where training runs; auto picks cuda when a GPU is present."
     )
-    data: DataConfig = Field(default_factory=DataConfig, description="Data source and batching.")
+    data: DataConfig = Field(default_factory=lambda: DataConfig(),
+                             description="Data source and batching.")
     input: InputConfig = Field(..., description="The model input, one sample.")
     teacher: ModelConfig | None = Field(None, description="The large, accurate model.")
     student: ModelConfig | None = Field(None, description="The small model to ship.")

@@ -203,7 +203,7 @@ def _yaml_path(loc: Path_) -> Path_:
     return tuple(out)
 
 
-def _message(err: dict[str, Any]) -> str:
+def _message(err: Any) -> str:
     kind = err["type"]
     loc = err["loc"]
     given = err.get("input")

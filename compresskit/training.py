@@ -178,7 +178,8 @@ def _train_loader(train: Dataset, batch_size: int, seed: int) -> tuple[DataLoade
         return loader(train, batch_size, shuffle=True, seed=seed), None
     from torch.utils.data.distributed import DistributedSampler
 
-    sampler = DistributedSampler(train, num_replicas=dist.world_size(), rank=dist.rank(),
+    sampler: DistributedSampler = DistributedSampler(
+        train, num_replicas=dist.world_size(), rank=dist.rank(),
                                  shuffle=True, seed=seed)
     gen = torch.Generator()
     gen.manual_seed(seed)

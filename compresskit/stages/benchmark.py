@@ -15,7 +15,8 @@ from compresskit.targets import TARGETS
 
 def _eval_arrays(ctx: StageContext) -> tuple[np.ndarray, np.ndarray]:
     ds = ctx.data().eval
-    xs, ys = zip(*(ds[i] for i in range(len(ds))), strict=False)
+    n = len(ds)  # type: ignore[arg-type]  # map-style, checked by data.load_data
+    xs, ys = zip(*(ds[i] for i in range(n)), strict=False)
     return torch.stack([torch.as_tensor(x) for x in xs]).numpy(), \
         torch.as_tensor(np.array([int(y) for y in ys])).numpy()
 

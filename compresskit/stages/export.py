@@ -25,7 +25,7 @@ from compresskit.targets import TARGETS
 
 def eval_inputs(ctx: StageContext, n: int) -> np.ndarray:
     ds = ctx.data().eval
-    n = min(n, len(ds))
+    n = min(n, len(ds))  # type: ignore[arg-type]  # map-style, checked by data.load_data
     return torch.stack([torch.as_tensor(ds[i][0]) for i in range(n)]).numpy()
 
 
