@@ -13,6 +13,8 @@ from tests.conftest import ROOT, TINY
 
 
 def run(args: list[str], cwd, timeout: int = 900) -> subprocess.CompletedProcess:
+    # One thread per process in both runs (torchrun sets the same for its workers), so the 1- and
+    # 2-process runs differ only in the distribution, and 2 processes do not oversubscribe 2 cores.
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "compresskit", "run", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
