@@ -22,11 +22,17 @@ stages:
 """
 
 
+def workspace_with_models(folder: Path) -> Path:
+    """A folder holding a copy of the repo's models/, as a user's project would."""
+    (folder / "models").mkdir(exist_ok=True)
+    (folder / "models" / "digits.py").write_text((ROOT / "models" / "digits.py").read_text())
+    return folder
+
+
 @pytest.fixture
 def write_pipeline(tmp_path: Path):
     """Write a pipeline file into a temp folder that has the repo's models/ beside it."""
-    (tmp_path / "models").mkdir(exist_ok=True)
-    (tmp_path / "models" / "digits.py").write_text((ROOT / "models" / "digits.py").read_text())
+    workspace_with_models(tmp_path)
 
     def write(text: str, name: str = "pipe.yaml") -> Path:
         path = tmp_path / name

@@ -17,7 +17,7 @@ import torch
 
 from compresskit import api
 from compresskit.errors import ConfigError, StageError
-from tests.conftest import ROOT, TINY
+from tests.conftest import ROOT, TINY, workspace_with_models
 
 RESUMABLE = """\
 name: resume
@@ -53,9 +53,7 @@ def outcome(run: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("reliability")
-    (tmp / "models").mkdir()
-    (tmp / "models" / "digits.py").write_text((ROOT / "models" / "digits.py").read_text())
+    tmp = workspace_with_models(tmp_path_factory.mktemp("reliability"))
     (tmp / "resume.yaml").write_text(RESUMABLE)
     proc = cli(["run", "resume.yaml", "-o", "reference"], tmp)
     _, err = proc.communicate(timeout=600)

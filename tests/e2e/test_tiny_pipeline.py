@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, TINY
+from tests.conftest import ROOT, TINY, workspace_with_models
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -22,9 +22,7 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("tiny")
-    (tmp / "models").mkdir()
-    (tmp / "models" / "digits.py").write_text((ROOT / "models" / "digits.py").read_text())
+    tmp = workspace_with_models(tmp_path_factory.mktemp("tiny"))
     (tmp / "pipe.yaml").write_text(TINY)
     start = time.perf_counter()
     result = cli("run", "pipe.yaml", cwd=tmp)
