@@ -108,6 +108,7 @@ class Runner:
         self._models: dict[str, nn.Module] = {}
         self._state: dict[str, str | None] = {role: None for role in ROLES}
         self._fresh: dict[str, nn.Module] = {}
+        self.device: Any = None
 
     # -- lazily materialised inputs -------------------------------------------------------------
     def _data(self) -> Splits:
@@ -142,88 +143,98 @@ class Runner:
         """Run the pipeline; the caller holds the run folder's lock (compresskit.lock)."""
         import torch
 
-        from compresskit.stages import STAGES
-
-        device = dist.init(self._device_kind(torch))
+        self.device = dist.init(self._device_kind(torch))
         main = dist.is_main()
         self._fresh = deep_check(self.loaded)
         names = [f"{i:02d}-{s.type}" for i, s in enumerate(self.cfg.stages)]
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._remove_stale(set(names))
-        common = common_hash(self.loaded, device.type, dist.world_size())
+        common = common_hash(self.loaded, self.device.type, dist.world_size())
         versions = model_hashes(self.loaded)
         artifact_writers: list[str] = []
         artifacts: list[dict[str, Any]] = []
-        for index, (stage_cfg, name) in enumerate(zip(self.cfg.stages, names, strict=False)):
+        for index, (stage_cfg, name) in enumerate(zip(self.cfg.stages, names, strict=True)):
             stage_hash = _digest({
                 "common": common, "index": index,
                 "stage": stage_cfg.model_dump(mode="json", exclude=NOT_HASHED),
                 "models": {r: versions[r] for r in stage_cfg.models_needed},
                 "artifacts": artifact_writers if stage_cfg.reads_artifacts else [],
             })
-            final = self.run_dir / name
-            manifest = read_json(final / MANIFEST) if main else None
-            cached = (not self.force and isinstance(manifest, dict)
-                      and manifest.get("hash") == stage_hash and manifest.get("status") == "done"
-                      and self._outputs_exist(manifest))
             # Rank 0 alone reads the run folder; the others follow its decision.
-            manifest = dist.broadcast_object(manifest if cached else None)
+            manifest = dist.broadcast_object(self._cached(name, stage_hash) if main else None)
+            status = "cached"
             if manifest is not None:
                 if main:  # other ranks keep their live models; rank 0 broadcasts before use
                     self._adopt(manifest)
-                artifacts += manifest.get("artifacts", [])
-                self._advance(manifest, stage_hash, versions, artifact_writers)
-                self.records.append(StageRecord(index, stage_cfg.type, name, "cached", 0.0,
-                                                manifest))
                 self.console.print(f"[dim]{name}: cached[/dim]")
-                continue
-            if not stage_cfg.changes_model and not main:
+            elif not stage_cfg.changes_model and not main:
                 dist.barrier()  # export, benchmark: rank 0's work, with rank 0's files
                 continue
-            self.console.print(f"[bold]{name}[/bold]: running")
-            start = time.perf_counter()
-            work = self._work_dir(name, stage_hash) if main else Path(tempfile.mkdtemp())
-            if stage_cfg.changes_model:  # same weights on every rank before training
-                for role in stage_cfg.models_needed:
-                    dist.broadcast_module(self._model(role))
-            from compresskit.context import StageContext
-
-            ctx = StageContext(
-                config=self.cfg, index=index, name=name, run_dir=self.run_dir, work_dir=work,
-                device=device, seed=self.cfg.seed + index, console=self.console,
-                progress=self.progress, artifacts=list(artifacts),
-                _data=self._data, _model=self._model)
-            try:
-                torch.manual_seed(ctx.seed)
-                result = STAGES.get(stage_cfg.type)(stage_cfg, ctx)
-                if main:
-                    manifest = self._commit(index, name, stage_cfg.type, stage_hash, work,
-                                            final, result, time.perf_counter() - start)
-                else:
-                    self._models.update(result.updated)
-                    manifest = {"updated": sorted(result.updated), "seconds": 0.0}
-                    shutil.rmtree(work, ignore_errors=True)
-                if not stage_cfg.changes_model:
-                    dist.barrier()
-            except BaseException as e:
-                # The work folder stays: its resume checkpoints let the next run continue this
-                # stage (only with the same hash). It holds no manifest, so nothing in it counts.
-                seconds = time.perf_counter() - start
-                self.records.append(StageRecord(index, stage_cfg.type, name, "failed", seconds))
-                if isinstance(e, DiskFullError):
-                    raise StageError(name, f"{e.strerror}; free some space and run again: "
-                                           "finished stages are kept") from None
-                from compresskit.modelio import ModelError
-
-                if isinstance(e, ModelError):
-                    raise ConfigError(str(e)) from None
-                raise
+            else:
+                manifest = self._run_stage(index, name, stage_cfg, stage_hash, artifacts)
+                status = "done"
             artifacts += manifest.get("artifacts", [])
             self._advance(manifest, stage_hash, versions, artifact_writers)
-            self.records.append(StageRecord(index, stage_cfg.type, name, "done",
-                                            manifest["seconds"], manifest))
+            seconds = 0.0 if status == "cached" else manifest["seconds"]
+            self.records.append(StageRecord(index, stage_cfg.type, name, status, seconds,
+                                            manifest))
         return self.records
+
+    def _cached(self, name: str, stage_hash: str) -> dict[str, Any] | None:
+        """The stage's manifest when it finished with this very hash and its files are there."""
+        manifest = read_json(self.run_dir / name / MANIFEST)
+        if (self.force or not isinstance(manifest, dict) or manifest.get("hash") != stage_hash
+                or manifest.get("status") != "done" or not self._outputs_exist(manifest)):
+            return None
+        return manifest
+
+    def _run_stage(self, index: int, name: str, stage_cfg: Any, stage_hash: str,
+                   artifacts: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        from compresskit.context import StageContext
+        from compresskit.stages import STAGES
+
+        main = dist.is_main()
+        self.console.print(f"[bold]{name}[/bold]: running")
+        start = time.perf_counter()
+        work = self._work_dir(name, stage_hash) if main else Path(tempfile.mkdtemp())
+        if stage_cfg.changes_model:  # same weights on every rank before training
+            for role in stage_cfg.models_needed:
+                dist.broadcast_module(self._model(role))
+        ctx = StageContext(
+            config=self.cfg, index=index, name=name, run_dir=self.run_dir, work_dir=work,
+            device=self.device, seed=self.cfg.seed + index, console=self.console,
+            progress=self.progress, artifacts=list(artifacts),
+            _data=self._data, _model=self._model)
+        try:
+            torch.manual_seed(ctx.seed)
+            result = STAGES.get(stage_cfg.type)(stage_cfg, ctx)
+            if main:
+                manifest = self._commit(index, name, stage_cfg.type, stage_hash, work,
+                                        self.run_dir / name, result,
+                                        time.perf_counter() - start)
+            else:
+                self._models.update(result.updated)
+                manifest = {"updated": sorted(result.updated), "seconds": 0.0}
+                shutil.rmtree(work, ignore_errors=True)
+            if not stage_cfg.changes_model:
+                dist.barrier()
+            return manifest
+        except BaseException as e:
+            # The work folder stays: its resume checkpoints let the next run continue this
+            # stage (only with the same hash). It holds no manifest, so nothing in it counts.
+            self.records.append(StageRecord(index, stage_cfg.type, name, "failed",
+                                            time.perf_counter() - start))
+            if isinstance(e, DiskFullError):
+                raise StageError(name, f"{e.strerror}; free some space and run again: "
+                                       "finished stages are kept") from None
+            from compresskit.modelio import ModelError
+
+            if isinstance(e, ModelError):
+                raise ConfigError(str(e)) from None
+            raise
 
     @staticmethod
     def _advance(manifest: dict[str, Any], stage_hash: str, versions: dict[str, str],
