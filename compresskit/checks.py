@@ -6,12 +6,11 @@ heavy work, each located at its key's line.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from compresskit.errors import ConfigError, Problem
 from compresskit.loader import LoadedPipeline
-from compresskit.sources import SourceError, parse_spec, resolve, resolve_path
+from compresskit.sources import SourceError, locate, parse_spec, resolve
 
 if TYPE_CHECKING:
     from torch import nn
@@ -31,18 +30,19 @@ def missing_files(loaded: LoadedPipeline) -> list[Problem]:
     sections = [("data", cfg.data.source, None)] + [
         (role, m.source, m.checkpoint) for role in ROLES if (m := getattr(cfg, role)) is not None]
     for section, source, checkpoint in sections:
+        if section == "data" and ":" not in source:
+            continue  # a built-in data source, checked by name in deep_check
         try:
-            spec = parse_spec(source) if ":" in source or section != "data" else None
+            spec = parse_spec(source)
+            if spec.is_file:
+                locate(spec.module, loaded.base_dir, "file")
         except SourceError as e:
             problems.append(loaded.problem((section, "source"), str(e)))
-            continue
-        if spec is not None and spec.is_file and resolve_path(spec.module, loaded.base_dir) is None:
-            problems.append(loaded.problem((section, "source"), (
-                f"file '{spec.module}' not found (looked in {loaded.base_dir} and {Path.cwd()})")))
-        if checkpoint and resolve_path(checkpoint, loaded.base_dir) is None:
-            problems.append(loaded.problem((section, "checkpoint"), (
-                f"{section} checkpoint '{checkpoint}' not found (looked next to the pipeline "
-                "file and in the working directory)")))
+        if checkpoint:
+            try:
+                locate(checkpoint, loaded.base_dir, f"{section} checkpoint")
+            except SourceError as e:
+                problems.append(loaded.problem((section, "checkpoint"), str(e)))
     return problems
 
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from compresskit.artifacts import atomic_path
 from compresskit.config import InputConfig, ModelConfig
-from compresskit.sources import SourceError, call_user, resolve, resolve_path
+from compresskit.sources import SourceError, call_user, locate, resolve
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16,
           "int64": torch.int64, "int32": torch.int32}
@@ -42,10 +42,10 @@ def instantiate(cfg: ModelConfig, role: str, base_dir: Path, seed: int) -> nn.Mo
 
 def load_checkpoint(model: nn.Module, cfg: ModelConfig, role: str, base_dir: Path) -> None:
     if cfg.checkpoint:
-        path = resolve_path(cfg.checkpoint, base_dir)
-        if path is None:
-            raise ModelError(f"{role} checkpoint '{cfg.checkpoint}' not found (looked next to "
-                             "the pipeline file and in the working directory)")
+        try:
+            path = locate(cfg.checkpoint, base_dir, f"{role} checkpoint")
+        except SourceError as e:
+            raise ModelError(str(e)) from None
         load_weights(model, path, f"{role} checkpoint {cfg.checkpoint}")
 
 

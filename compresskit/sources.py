@@ -53,6 +53,15 @@ def resolve_path(relative: str, base_dir: Path) -> Path | None:
     return None
 
 
+def locate(relative: str, base_dir: Path, what: str) -> Path:
+    """`resolve_path`, or a SourceError saying where it looked."""
+    path = resolve_path(relative, base_dir)
+    if path is None:
+        raise SourceError(f"{what} '{relative}' not found (looked in {base_dir} and "
+                          f"{Path.cwd()})")
+    return path
+
+
 def _user_error(exc: BaseException, path: str) -> str:
     """Their exception and the line of their file that raised it (not our frames)."""
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == path]
@@ -85,10 +94,7 @@ def resolve(spec: str, base_dir: Path) -> Callable[..., Any]:
     """The callable named by `spec`, or SourceError saying exactly what is missing."""
     parsed = parse_spec(spec)
     if parsed.is_file:
-        path = resolve_path(parsed.module, base_dir)
-        if path is None:
-            raise SourceError(
-                f"file '{parsed.module}' not found (looked in {base_dir} and {Path.cwd()})")
+        path = locate(parsed.module, base_dir, "file")
         module = _import_file(path)
         where = str(path)
     else:
