@@ -139,18 +139,19 @@ def fit(model: nn.Module, train: Dataset, opts: TrainingOptions, *, batch_size: 
         for x, y in data:
             x, y = x.to(device), y.to(device)
             loss, terms = step(net, x, y)
+            value = float(loss.detach())
             # Under torchrun every rank sees the mean, so all stop together on a NaN.
-            if not math.isfinite(dist.mean(float(loss.detach()), device)):
+            if not math.isfinite(dist.mean(value, device)):
                 shown = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
                 raise Diverged(
-                    f"the loss became {float(loss.detach())} at epoch {epoch + 1}, step "
+                    f"the loss became {value} at epoch {epoch + 1}, step "
                     f"{global_step} ({shown}); lower the learning rate (lr: {opts.lr}) "
                     "or the temperature")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss.detach()) * len(x)
+            total += value * len(x)
             count += len(x)
             global_step += 1
         history["loss"].append(dist.mean(total / max(1, count), device))
@@ -179,9 +180,8 @@ def _train_loader(train: Dataset, batch_size: int, seed: int) -> tuple[DataLoade
     from torch.utils.data.distributed import DistributedSampler
 
     sampler: DistributedSampler = DistributedSampler(
-        train, num_replicas=dist.world_size(), rank=dist.rank(),
-                                 shuffle=True, seed=seed)
-    gen = torch.Generator()
+        train, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=True, seed=seed)
+    gen = torch.Generator()  # unused by the sampler; kept so resume state has one shape
     gen.manual_seed(seed)
     per_rank = max(1, batch_size // dist.world_size())
     return DataLoader(train, batch_size=per_rank, sampler=sampler, generator=gen), sampler
