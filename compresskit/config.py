@@ -88,6 +88,11 @@ class StageBase(Strict):
     def models_needed(self) -> tuple[str, ...]:
         return self.uses_models
 
+    @property
+    def produces(self) -> tuple[str, ...]:
+        """Model roles this stage creates, so later stages may use them without a section."""
+        return ()
+
 
 class TrainingOptions(StageBase):
     """Optimiser and schedule options shared by the stages that train."""
@@ -147,6 +152,174 @@ class DistillConfig(TrainingOptions):
     )
 
 
+StartFrom = Literal["student", "teacher"]
+
+
+class CompressOptions(StageBase):
+    """Options shared by the stages that shrink a model's structure (prune, lowrank): which
+    model, which layers stay whole, recovery by distillation, and how the change is measured."""
+
+    changes_model: ClassVar[bool] = True
+
+    start_from: StartFrom = Field(
+        "student",
+        description=(
+            "Model to compress; the result is always the student. 'teacher' makes the student "
+            "a compressed copy of the teacher (the usual way to shrink a trained model), and the "
+            "pipeline then needs no 'student:' section."
+        ),
+    )
+    ignore: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Module names kept whole, as glob patterns (e.g. 'features.0.*', 'classifier'); "
+            "names are those of model.named_modules()."
+        ),
+    )
+    recover: int = Field(
+        2, ge=0,
+        description=(
+            "Epochs of distillation from the teacher after the change (after each step when "
+            "pruning iteratively); cross-entropy when the pipeline has no teacher; 0 skips it."
+        ),
+    )
+    lr: float = Field(1e-3, gt=0, le=10, description="Peak learning rate of recovery.")
+    optimizer: Literal["adamw", "adam", "sgd"] = Field(
+        "adamw", description="Recovery optimiser; sgd uses Nesterov momentum 0.9."
+    )
+    weight_decay: float = Field(1e-4, ge=0, description="Decoupled weight decay of recovery.")
+    schedule: Literal["cosine", "constant"] = Field(
+        "cosine", description="Learning-rate schedule over each recovery."
+    )
+    temperature: float = Field(4.0, gt=0, le=100, description="KD softmax temperature T.")
+    alpha: float = Field(
+        0.9, ge=0, le=1, description="Weight of the KD term in recovery; 1 - alpha weighs CE."
+    )
+    latency_runs: int = Field(
+        100, ge=10,
+        description=(
+            "Interleaved onnxruntime runs (batch 1, one thread) timing the model before and "
+            "after the change."
+        ),
+    )
+    checkpoint_every: int = Field(
+        1, ge=0, description="Save a resumable recovery checkpoint every N epochs (0: at the end)."
+    )
+
+    @property
+    def models_needed(self) -> tuple[str, ...]:
+        teacher: tuple[str, ...] = ("teacher",) if self.recover or self.start_from == "teacher" \
+            else ()
+        return tuple(dict.fromkeys((self.start_from, *teacher)))
+
+    @property
+    def produces(self) -> tuple[str, ...]:
+        return ("student",)
+
+    def recovery(self, epochs: int) -> TrainingOptions:
+        return TrainingOptions(epochs=max(1, epochs), lr=self.lr, optimizer=self.optimizer,
+                               weight_decay=self.weight_decay, schedule=self.schedule,
+                               checkpoint_every=self.checkpoint_every)
+
+
+class PruneConfig(CompressOptions):
+    """Structured pruning with torch-pruning's dependency graph: whole channels, filters, neurons
+    and attention heads are removed, so residual adds, concatenations, depthwise convolutions and
+    normalisation layers stay consistent. The first and last layers are kept whole."""
+
+    type: Literal["prune"]
+
+    ratio: float | None = Field(
+        None, gt=0, lt=1,
+        description="Fraction of the channels of each prunable group removed (default 0.5 "
+                    "unless target_macs or target_params is set).",
+    )
+    target_macs: float | None = Field(
+        None, gt=0, lt=1,
+        description="Prune until the model keeps this fraction of its MACs (e.g. 0.5).",
+    )
+    target_params: float | None = Field(
+        None, gt=0, lt=1,
+        description="Prune until the model keeps this fraction of its parameters.",
+    )
+    importance: Literal["l1", "l2", "taylor", "lamp", "bn_scale", "fpgm"] = Field(
+        "l2",
+        description=(
+            "How channels are ranked: weight magnitude (l1, l2), first-order Taylor (gradient x "
+            "weight on training batches), LAMP, BatchNorm scale, or FPGM (geometric median)."
+        ),
+    )
+    global_ranking: bool = Field(
+        False, alias="global",
+        description="Rank channels across all layers (layers lose unequal shares) instead of "
+                    "per layer.",
+    )
+    max_layer_ratio: float = Field(
+        0.9, gt=0, lt=1,
+        description="With global ranking, the most any one layer may lose.",
+    )
+    steps: int = Field(
+        1, ge=1, le=100,
+        description="Iterative pruning: remove the amount in this many slices, recovering "
+                    "after each.",
+    )
+    round_to: int | None = Field(
+        None, ge=1,
+        description="Keep channel counts multiples of N (8 suits most CPU kernels).",
+    )
+    heads: bool = Field(
+        True,
+        description=(
+            "Remove whole attention heads (at the same ratio) in modules that have a "
+            "'num_heads' attribute and q/k/v (or qkv) Linear children, and in "
+            "nn.MultiheadAttention."
+        ),
+    )
+    calibration_batches: int = Field(
+        4, ge=1, description="Training batches whose gradients rank channels for 'taylor'."
+    )
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    def amount(self) -> tuple[str, float]:
+        """('ratio'|'target_macs'|'target_params', value): what the user asked to remove."""
+        for key in ("target_macs", "target_params"):
+            if getattr(self, key) is not None:
+                return key, getattr(self, key)
+        return "ratio", 0.5 if self.ratio is None else self.ratio
+
+
+class LowRankConfig(CompressOptions):
+    """Truncated-SVD factorisation: a Linear becomes two of rank r; a k x k Conv2d becomes a k x k
+    convolution with r output channels followed by a 1 x 1 convolution. Grouped and depthwise
+    convolutions are left alone."""
+
+    type: Literal["lowrank"]
+
+    energy: float | None = Field(
+        None, gt=0, le=1,
+        description=(
+            "Per layer, the smallest rank whose singular values hold this fraction of the "
+            "squared spectrum (default 0.9 unless rank_ratio is set)."
+        ),
+    )
+    rank_ratio: float | None = Field(
+        None, gt=0, le=1, description="Rank as a fraction of min(out, in) of each layer."
+    )
+    min_reduction: float = Field(
+        0.25, ge=0, lt=1,
+        description="Factorise a layer only when that cuts its MACs by at least this fraction.",
+    )
+    round_to: int | None = Field(
+        None, ge=1, description="Round each rank up to a multiple of N."
+    )
+    layers: list[Literal["linear", "conv"]] = Field(
+        default_factory=lambda: list[Literal["linear", "conv"]](("linear", "conv")),
+        min_length=1,
+        description="Layer kinds to factorise.",
+    )
+
+
 class ExportConfig(StageBase):
     """FP32 ONNX export with a dynamic batch axis, checked by onnx.checker and for parity."""
 
@@ -198,13 +371,16 @@ class BenchmarkConfig(StageBase):
 
 
 StageConfig = Annotated[
-    Union[TrainConfig, DistillConfig, ExportConfig, BenchmarkConfig],  # noqa: UP007
+    Union[TrainConfig, DistillConfig, PruneConfig, LowRankConfig, ExportConfig,  # noqa: UP007
+          BenchmarkConfig],
     Field(discriminator="type"),
 ]
 
 STAGE_CONFIGS: dict[str, type[StageBase]] = {
     "train": TrainConfig,
     "distill": DistillConfig,
+    "prune": PruneConfig,
+    "lowrank": LowRankConfig,
     "export": ExportConfig,
     "benchmark": BenchmarkConfig,
 }
@@ -236,6 +412,7 @@ def order_problems(cfg: PipelineConfig) -> list[tuple[tuple[Any, ...], str]]:
     problems: list[tuple[tuple[Any, ...], str]] = []
     seen: list[str] = []
     exported = False
+    available = {role for role in ("teacher", "student") if getattr(cfg, role) is not None}
     for i, stage in enumerate(cfg.stages):
         path = ("stages", i, "type")
         if exported and stage.changes_model:
@@ -247,11 +424,19 @@ def order_problems(cfg: PipelineConfig) -> list[tuple[tuple[Any, ...], str]]:
             need = " or ".join(f"'{t}'" for t in stage.needs_before)
             problems.append((path, f"'{stage.type}' needs a {need} stage before it"))
         for role in stage.models_needed:
-            if getattr(cfg, role) is None:
+            if role not in available:
                 problems.append(
                     (path, f"'{stage.type}' uses the {role}, but the pipeline has no "
                      f"'{role}:' section; add one with a 'source:'")
                 )
+        if isinstance(stage, PruneConfig) and sum(
+                v is not None for v in (stage.ratio, stage.target_macs, stage.target_params)) > 1:
+            problems.append((("stages", i), "give one of 'ratio', 'target_macs' and "
+                             "'target_params', not several"))
+        if isinstance(stage, LowRankConfig) and stage.energy is not None \
+                and stage.rank_ratio is not None:
+            problems.append((("stages", i), "give 'energy' or 'rank_ratio', not both"))
+        available.update(stage.produces)
         exported = exported or stage.type == "export"
         seen.append(stage.type)
     return problems

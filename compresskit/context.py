@@ -22,6 +22,9 @@ class StageResult:
     updated: dict[str, nn.Module] = field(default_factory=dict)
     """Models whose weights or structure the stage changed, by role."""
     params: int | None = None
+    structure: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """For models whose structure the stage changed: {'base': role whose source builds it,
+    'edits': every structural edit since (compresskit.structure)}."""
     artifacts: list[dict[str, Any]] = field(default_factory=list)
     benchmarks: list[dict[str, Any]] = field(default_factory=list)
 
@@ -43,12 +46,17 @@ class StageContext:
     """Artifacts written by earlier stages (paths relative to run_dir)."""
     _data: Callable[[], Splits]
     _model: Callable[[str], nn.Module]
+    _structure: Callable[[str], dict[str, Any]]
 
     def data(self) -> Splits:
         return self._data()
 
     def model(self, role: str) -> nn.Module:
         return self._model(role)
+
+    def structure(self, role: str) -> dict[str, Any]:
+        """How the model of this role is built: its base role and the structural edits since."""
+        return self._structure(role)
 
     def log(self, message: str) -> None:
         self.console.print(f"  [dim]{self.name}[/dim] {message}")

@@ -80,6 +80,11 @@ def model_hashes(loaded: LoadedPipeline) -> dict[str, str]:
     return out
 
 
+def _plain(role: str) -> dict[str, Any]:
+    """A model as its own source builds it: no structural edits."""
+    return {"base": role, "edits": []}
+
+
 @dataclass
 class StageRecord:
     index: int
@@ -107,6 +112,7 @@ class Runner:
         self._splits: Splits | None = None
         self._models: dict[str, nn.Module] = {}
         self._state: dict[str, str | None] = {role: None for role in ROLES}
+        self._structure: dict[str, dict[str, Any]] = {role: _plain(role) for role in ROLES}
         self._fresh: dict[str, nn.Module] = {}
         self.device: Any = None
 
@@ -120,18 +126,21 @@ class Runner:
         return self._splits
 
     def _model(self, role: str) -> nn.Module:
-        """The model as of the last finished stage: live, reloaded from a checkpoint, or new."""
+        """The model as of the last finished stage: live, or rebuilt from its base model's
+        source with the recorded structural edits replayed and the checkpoint loaded, or new."""
         if role in self._models:
             return self._models[role]
-        from compresskit import modelio
+        from compresskit import modelio, structure
 
-        mcfg = getattr(self.cfg, role)
+        base, edits = self._structure[role]["base"], self._structure[role]["edits"]
+        mcfg = getattr(self.cfg, base)
         if mcfg is None:  # excluded by validation; reaching here is our bug
-            raise RuntimeError(f"no {role} configured")
-        model = self._fresh.pop(role, None)
+            raise RuntimeError(f"no {base} configured")
+        model = self._fresh.pop(role, None) if base == role else None
         if model is None:
-            model = modelio.build(mcfg, role, self.loaded.base_dir,
-                                  model_seed(self.cfg.seed, role))
+            model = modelio.build(mcfg, base, self.loaded.base_dir,
+                                  model_seed(self.cfg.seed, base))
+        structure.apply(model, edits)
         checkpoint = self._state[role]
         if checkpoint is not None:
             modelio.load_weights(model, inside(self.run_dir, checkpoint), f"{role} checkpoint")
@@ -165,8 +174,8 @@ class Runner:
             manifest = dist.broadcast_object(self._cached(name, stage_hash) if main else None)
             status = "cached"
             if manifest is not None:
-                if main:  # other ranks keep their live models; rank 0 broadcasts before use
-                    self._adopt(manifest)
+                # Other ranks take only the structure: rank 0 broadcasts weights before use.
+                self._adopt(manifest, weights=main)
                 self.console.print(f"[dim]{name}: cached[/dim]")
             elif not stage_cfg.changes_model and not main:
                 dist.barrier()  # export, benchmark: rank 0's work, with rank 0's files
@@ -207,7 +216,7 @@ class Runner:
             config=self.cfg, index=index, name=name, run_dir=self.run_dir, work_dir=work,
             device=self.device, seed=self.cfg.seed + index, console=self.console,
             progress=self.progress, artifacts=list(artifacts),
-            _data=self._data, _model=self._model)
+            _data=self._data, _model=self._model, _structure=self._structure_of)
         try:
             torch.manual_seed(ctx.seed)
             result = STAGES.get(stage_cfg.type)(stage_cfg, ctx)
@@ -217,6 +226,7 @@ class Runner:
                                         time.perf_counter() - start)
             else:
                 self._models.update(result.updated)
+                self._structure.update(result.structure)
                 manifest = {"updated": sorted(result.updated), "seconds": 0.0}
                 shutil.rmtree(work, ignore_errors=True)
             if not stage_cfg.changes_model:
@@ -283,11 +293,18 @@ class Runner:
         except (ValueError, TypeError):
             return False
 
-    def _adopt(self, manifest: dict[str, Any]) -> None:
+    def _structure_of(self, role: str) -> dict[str, Any]:
+        return self._structure[role]
+
+    def _adopt(self, manifest: dict[str, Any], weights: bool = True) -> None:
         """Take a cached stage's outputs as the current state; live models reload lazily."""
         for role in manifest.get("updated", []):
+            shape = manifest.get("structure", {}).get(role, _plain(role))
+            if shape != self._structure[role]:
+                self._structure[role] = shape
+                self._models.pop(role, None)
             path = manifest.get("state", {}).get(role)
-            if path != self._state.get(role):
+            if weights and path != self._state.get(role):
                 self._state[role] = path
                 self._models.pop(role, None)
 
@@ -299,10 +316,12 @@ class Runner:
             save_weights(model, work / f"{role}.pt")
             self._state[role] = f"{name}/{role}.pt"
             self._models[role] = model
+        self._structure.update(result.structure)
         manifest = {
             "stage": name, "index": index, "type": kind, "hash": stage_hash, "status": "done",
             "seconds": round(seconds, 3), "params": result.params, "metrics": result.metrics,
-            "state": dict(self._state), "updated": sorted(result.updated),
+            "state": dict(self._state), "structure": dict(self._structure),
+            "updated": sorted(result.updated),
             "artifacts": result.artifacts,
             "benchmarks": result.benchmarks, "compresskit_version": __version__,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -6,8 +6,8 @@ from collections.abc import Callable
 from typing import Any
 
 from compresskit.registry import Registry
-from compresskit.stages import benchmark, distill, export, train
+from compresskit.stages import benchmark, distill, export, lowrank, prune, train
 
 STAGES: Registry[Callable[[Any, Any], Any]] = Registry("stage")
-for _module in (train, distill, export, benchmark):
+for _module in (train, distill, prune, lowrank, export, benchmark):
     STAGES.register(_module.__name__.rsplit(".", 1)[-1])(_module.run)

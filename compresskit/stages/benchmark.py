@@ -3,28 +3,17 @@ with onnxruntime on each target. Artifacts are timed interleaved, so noise hits 
 
 from __future__ import annotations
 
-import numpy as np
-import torch
-
 from compresskit.backends import ort as ort_backend
 from compresskit.config import BenchmarkConfig
 from compresskit.context import StageContext, StageResult
+from compresskit.measure import eval_arrays
 from compresskit.ops.latency import median_ratio, summarize
 from compresskit.targets import TARGETS
 
 
-def _eval_arrays(ctx: StageContext) -> tuple[np.ndarray, np.ndarray]:
-    ds = ctx.data().eval
-    n = len(ds)  # type: ignore[arg-type]  # map-style, checked by data.load_data
-    xs, ys = zip(*(ds[i] for i in range(n)), strict=False)
-    return torch.stack([torch.as_tensor(x) for x in xs]).numpy(), \
-        torch.as_tensor(np.array([int(y) for y in ys])).numpy()
-
-
 def run(cfg: BenchmarkConfig, ctx: StageContext) -> StageResult:
     artifacts = [a for a in ctx.artifacts if a.get("format") == "onnx"]
-    x, y = _eval_arrays(ctx)
-    x = x.astype(ort_backend.NP_DTYPES[ctx.config.input.dtype])
+    x, y = eval_arrays(ctx)
     rows: list[dict] = []
     unavailable: dict[str, str] = {}
     for name in cfg.targets:

@@ -1,0 +1,83 @@
+"""Reading ONNX graphs: multiply-accumulates per node, counted on the exported graph itself.
+
+Shapes come from onnx's shape inference with every symbolic dimension (the batch) set to 1, so
+the count is per sample. Conv, ConvTranspose, Gemm and MatMul are counted; elementwise ops,
+pooling and normalisation are not (they are a small share of the work of the models this
+toolkit compresses, and no MAC convention agrees on them).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from onnx import shape_inference
+
+COUNTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+@dataclass(frozen=True)
+class NodeMacs:
+    name: str
+    op: str
+    macs: int
+    weight: str | None
+    """The constant (initializer) weight input, or None when both operands are activations."""
+
+
+def _fix_batch(model: onnx.ModelProto) -> None:
+    for value in [*model.graph.input, *model.graph.output]:
+        for dim in value.type.tensor_type.shape.dim:
+            if not dim.HasField("dim_value"):
+                dim.dim_value = 1
+
+
+def _shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
+    inferred = shape_inference.infer_shapes(model, data_prop=True)
+    out: dict[str, list[int]] = {}
+    for value in [*inferred.graph.input, *inferred.graph.output, *inferred.graph.value_info]:
+        dims = value.type.tensor_type.shape.dim
+        if all(d.HasField("dim_value") for d in dims):
+            out[value.name] = [d.dim_value for d in dims]
+    for init in inferred.graph.initializer:
+        out[init.name] = list(init.dims)
+    return out
+
+
+def node_macs(path: Path | str) -> list[NodeMacs]:
+    """MACs per sample of every Conv/Gemm/MatMul node whose shapes are known."""
+    model = onnx.load(str(path))
+    _fix_batch(model)
+    shapes = _shapes(model)
+    consts = {i.name for i in model.graph.initializer}
+    consts |= {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+    rows = []
+    for node in model.graph.node:
+        if node.op_type not in COUNTED or not node.output:
+            continue
+        out = shapes.get(node.output[0])
+        ins = [shapes.get(i) for i in node.input[:2]]
+        if out is None or any(s is None for s in ins):
+            continue
+        a, b = ins[0], ins[1]
+        assert a is not None and b is not None
+        if node.op_type == "Conv":
+            macs = math.prod(out) * math.prod(b[1:])  # per output element: cin/groups * kh * kw
+        elif node.op_type == "ConvTranspose":
+            macs = math.prod(a) * math.prod(b[1:])
+        elif node.op_type == "Gemm":
+            trans_a = next((x.i for x in node.attribute if x.name == "transA"), 0)
+            k = a[0] if trans_a else a[-1]
+            macs = math.prod(out) * k
+        else:
+            macs = math.prod(out) * a[-1]
+        weight = node.input[1] if node.input[1] in consts else None
+        rows.append(NodeMacs(node.name, node.op_type, int(macs), weight))
+    return rows
+
+
+def total_macs(path: Path | str) -> int:
+    return sum(r.macs for r in node_macs(path))
+

@@ -1,0 +1,85 @@
+"""Before/after measurements of a compressing stage, taken on exported ONNX files.
+
+Params come from torch; MACs from the ONNX graph (backends/onnx_graph); size is the FP32 file;
+latency is onnxruntime on the CPU at batch 1 with one thread, the two models timed interleaved;
+accuracy is onnxruntime's on the evaluation split. Nothing here is estimated.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from compresskit.backends import ort as ort_backend
+from compresskit.backends.onnx_export import check_model, export_onnx
+from compresskit.backends.onnx_graph import total_macs
+from compresskit.modelio import count_params
+from compresskit.ops.latency import median_ratio, summarize
+from compresskit.targets import TARGETS
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from compresskit.context import StageContext
+
+
+def eval_arrays(ctx: StageContext) -> tuple[np.ndarray, np.ndarray]:
+    """The evaluation split as (inputs, integer labels) arrays in the configured input dtype."""
+    ds = ctx.data().eval
+    n = len(ds)  # type: ignore[arg-type]  # map-style, checked by data.load_data
+    xs, ys = zip(*(ds[i] for i in range(n)), strict=False)
+    x = torch.stack([torch.as_tensor(v) for v in xs]).numpy()
+    return x.astype(ort_backend.NP_DTYPES[ctx.config.input.dtype]), \
+        np.array([int(v) for v in ys])
+
+
+def profile(model: nn.Module, path: Path, x: np.ndarray, y: np.ndarray,
+            opset: int = 17) -> dict[str, Any]:
+    """Export `model` to `path` and measure what does not need a second model."""
+    model = copy.deepcopy(model).cpu().eval()
+    export_onnx(model, torch.from_numpy(x[:2]), path, opset)
+    check_model(path)
+    sess = ort_backend.session(path, TARGETS.get("cpu"), threads=1)
+    acc = float((ort_backend.predict(sess, x, 256).argmax(1) == y).mean())
+    return {"params": count_params(model), "macs": total_macs(path),
+            "onnx_bytes": path.stat().st_size, "accuracy": acc}
+
+
+def latency(paths: dict[str, Path], x: np.ndarray, runs: int) -> dict[str, Any]:
+    """Batch-1, one-thread p50 of each file, timed round-robin; and the median of paired
+    ratios of the first file's time to each other's."""
+    cpu = TARGETS.get("cpu")
+    sessions = {k: ort_backend.session(p, cpu, threads=1) for k, p in paths.items()}
+    times = ort_backend.time_interleaved(sessions, np.ascontiguousarray(x[:1]), runs,
+                                         warmup=max(5, runs // 10))
+    first = next(iter(paths))
+    return {"p50_ms": {k: round(summarize(t)["p50"], 4) for k, t in times.items()},
+            "speedup": {k: round(median_ratio(times[first], t), 3) for k, t in times.items()
+                        if k != first}}
+
+
+def compare(before: dict[str, Any], after: dict[str, Any], speedup: float) -> dict[str, Any]:
+    """Relative changes, and a plain-words warning when latency did not follow MACs."""
+    macs_cut = 1.0 - after["macs"] / max(1, before["macs"])
+    latency_cut = 1.0 - 1.0 / speedup
+    out: dict[str, Any] = {
+        "params_ratio": round(after["params"] / max(1, before["params"]), 4),
+        "macs_ratio": round(after["macs"] / max(1, before["macs"]), 4),
+        "size_ratio": round(after["onnx_bytes"] / max(1, before["onnx_bytes"]), 4),
+        "latency_speedup": speedup,
+        "accuracy_change": round(after["accuracy"] - before["accuracy"], 4),
+        "warnings": [],
+    }
+    if macs_cut >= 0.2 and latency_cut < macs_cut / 2:
+        out["warnings"].append(
+            f"MACs {-100 * macs_cut:.0f}%, latency {-100 * latency_cut:+.0f}%: latency did not "
+            "follow MACs. Channel counts that are not multiples of 8, or layers bound by memory "
+            "rather than arithmetic, are the usual causes; try round_to: 8, or compress the "
+            "largest layers only")
+    elif latency_cut < -0.03:
+        out["warnings"].append(f"latency rose by {-100 * latency_cut:.0f}% (batch 1, one thread)")
+    return out

@@ -1,0 +1,76 @@
+"""`lowrank`: truncated-SVD factorisation of Linear and Conv2d layers, recovered by distillation.
+
+Per layer the rank comes from `energy` or `rank_ratio` (optionally rounded up to `round_to`); the
+layer is replaced only when the factorisation cuts its MACs by at least `min_reduction`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from torch import nn
+
+from compresskit import structure
+from compresskit.config import LowRankConfig
+from compresskit.context import StageContext, StageResult
+from compresskit.ops import lowrank as lr
+from compresskit.stages.shrink import Shrink
+
+
+def choose_rank(layer: nn.Module, cfg: LowRankConfig) -> tuple[int | None, str]:
+    """The rank to factorise `layer` to, or None and the reason it stays whole."""
+    if isinstance(layer, nn.Linear):
+        out, fan_in = layer.out_features, layer.in_features
+    elif isinstance(layer, nn.Conv2d):
+        if layer.groups != 1:
+            return None, "grouped or depthwise"
+        out = layer.out_channels
+        fan_in = layer.in_channels * math.prod(layer.kernel_size)
+    else:
+        return None, "not a Linear or Conv2d"
+    if cfg.rank_ratio is not None:
+        rank = lr.rank_for_ratio(out, fan_in, cfg.rank_ratio)
+    else:
+        energy = 0.9 if cfg.energy is None else cfg.energy
+        rank = lr.rank_for_energy(lr.singular_values(layer.weight), energy)
+    if cfg.round_to:
+        rank = cfg.round_to * math.ceil(rank / cfg.round_to)
+    limit = lr.max_useful_rank(out, fan_in, cfg.min_reduction)
+    if rank > limit:
+        return None, f"rank {rank} would cut its MACs by less than {cfg.min_reduction:.0%}"
+    return rank, ""
+
+
+def run(cfg: LowRankConfig, ctx: StageContext) -> StageResult:
+    job = Shrink(cfg, ctx)
+    model = job.model
+    ignored = set(job.ignored([]))
+    layers: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, str] = {}
+    for name, layer in list(model.named_modules()):
+        if not isinstance(layer, nn.Linear | nn.Conv2d) or name in ignored:
+            continue
+        kind = "linear" if isinstance(layer, nn.Linear) else "conv"
+        if kind not in cfg.layers:
+            continue
+        rank, why = choose_rank(layer, cfg)
+        if rank is None:
+            skipped[name] = why
+            continue
+        new = (lr.factorize_linear(layer, rank) if isinstance(layer, nn.Linear)
+               else lr.factorize_conv(layer, rank))
+        structure.set_module(model, name, new)
+        layers[name] = {"kind": kind, "rank": rank,
+                        "full_rank": min(layer.weight.shape[0], layer.weight[0].numel())}
+    if layers:
+        job.check_forward()
+    else:
+        ctx.log("[yellow]warning:[/yellow] no layer was factorised (each would have saved less "
+                f"than min_reduction {cfg.min_reduction}); the model is unchanged")
+    for name, spec in layers.items():
+        ctx.log(f"{name}: {spec['kind']} rank {spec['rank']} of {spec['full_rank']}")
+    loss = job.recover(cfg.recover, "") if layers else None
+    edit = structure.lowrank_edit({k: {"kind": v["kind"], "rank": v["rank"]}
+                                   for k, v in layers.items()})
+    return job.finish(edit, {"factorized": layers, "kept": skipped, "recovery_loss": loss})

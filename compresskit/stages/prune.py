@@ -1,0 +1,85 @@
+"""`prune`: structured pruning through torch-pruning's dependency graph, recovered by distillation.
+
+The model is pruned on a copy, so a failure leaves the previous checkpoint as it was. With
+`target_macs`/`target_params`, the per-group ratio that reaches the target is found by bisection
+on one-shot trial prunes, then applied in `steps` slices with recovery in between.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from compresskit import structure
+from compresskit.backends import pruning
+from compresskit.config import PruneConfig
+from compresskit.context import StageContext, StageResult
+from compresskit.errors import StageError
+from compresskit.stages.shrink import Shrink, first_and_last
+
+
+def _taylor_gradients(model: nn.Module, ctx: StageContext, batches: int) -> None:
+    """Gradients of the cross-entropy on the first training batches, for Taylor importance."""
+    from compresskit.training import loader
+
+    model.train().zero_grad()
+    for i, (x, y) in enumerate(loader(ctx.data().train, ctx.config.data.batch_size,
+                                      shuffle=False, seed=ctx.seed)):
+        if i >= batches:
+            break
+        torch.nn.functional.cross_entropy(model(x), torch.as_tensor(y)).backward()
+    model.eval()
+
+
+def _empty_layers(model: nn.Module) -> list[str]:
+    out = []
+    for name, m in model.named_modules():
+        width = getattr(m, "out_channels", getattr(m, "out_features", None))
+        if isinstance(width, int) and width == 0:
+            out.append(name)
+    return out
+
+
+def run(cfg: PruneConfig, ctx: StageContext) -> StageResult:
+    job = Shrink(cfg, ctx)
+    model, example = job.model, job.example
+    keep = first_and_last(pruning.leaf_order(model, example))
+    args: dict[str, Any] = dict(
+        criterion=cfg.importance, ignored=job.ignored(keep), global_ranking=cfg.global_ranking,
+        max_layer_ratio=cfg.max_layer_ratio, round_to=cfg.round_to, heads=cfg.heads)
+    key, amount = cfg.amount()
+    try:
+        if key == "ratio":
+            ratio = amount
+        else:
+            index = 0 if key == "target_macs" else 1
+
+            def measured(m: nn.Module) -> float:
+                return pruning.count(m, example)[index]
+
+            ratio, kept = pruning.ratio_for_target(model, example, measured, amount, **args)
+            ctx.log(f"{key} {amount:.2f}: ratio {ratio:.3f} per group keeps {kept:.3f}")
+        pruner = pruning.make_pruner(model, example, ratio=ratio, steps=cfg.steps, **args)
+    except pruning.PruneError as e:
+        raise StageError(ctx.name, str(e)) from None
+    before = structure.snapshot(model)
+    losses = []
+    for i in range(cfg.steps):
+        if cfg.importance == "taylor":
+            _taylor_gradients(model, ctx, cfg.calibration_batches)
+        pruning.step(pruner, model)
+        model.zero_grad(set_to_none=True)
+        empty = _empty_layers(model)
+        if empty:
+            raise StageError(ctx.name, f"ratio {ratio:.2f} removes every channel of "
+                                       f"{', '.join(empty)}; lower the ratio or add them to "
+                                       "'ignore'")
+        job.check_forward()
+        tag = f".step{i + 1}" if cfg.steps > 1 else ""
+        losses.append(job.recover(cfg.recover, tag))
+    edit = structure.reshape_edit(before, structure.snapshot(model))
+    return job.finish(edit, {"ratio": round(ratio, 4), "mode": key, "requested": amount,
+                             "steps": cfg.steps, "importance": cfg.importance,
+                             "kept_whole": keep, "recovery_loss": losses[-1]})

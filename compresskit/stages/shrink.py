@@ -1,0 +1,137 @@
+"""What the structure-changing stages (prune, lowrank) share: taking the model to compress,
+resolving `ignore` patterns, recovery by distillation, and the before/after record."""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import fnmatch
+from typing import Any
+
+import torch
+from torch import nn
+
+from compresskit import measure
+from compresskit.backends.onnx_export import ExportError
+from compresskit.config import CompressOptions
+from compresskit.context import StageContext, StageResult
+from compresskit.errors import StageError
+from compresskit.modelio import example_input
+from compresskit.ops.kd import hinton_loss
+from compresskit.training import Diverged, cross_entropy_step, fit
+
+
+class Shrink:
+    """One compressing stage's model, its recorded structure and its measurements."""
+
+    def __init__(self, cfg: CompressOptions, ctx: StageContext):
+        self.cfg, self.ctx = cfg, ctx
+        self.kind: str = getattr(cfg, "type", "compression")
+        source = ctx.model(cfg.start_from)
+        self.structure = copy.deepcopy(ctx.structure(cfg.start_from))
+        self.model: nn.Module = copy.deepcopy(source).cpu().eval()
+        self.example = example_input(ctx.config.input, batch=1)
+        self.teacher = ctx.model("teacher") if ctx.config.teacher is not None else None
+        self.x, self.y = measure.eval_arrays(ctx)
+        self.before = self._profile("before")
+
+    def _profile(self, label: str) -> dict[str, Any]:
+        try:
+            return measure.profile(self.model, self.ctx.work_dir / f"{label}.fp32.onnx",
+                                   self.x, self.y)
+        except ExportError as e:
+            raise StageError(self.ctx.name, f"the model {label} {self.kind} cannot be "
+                                            f"measured: {e}") from None
+
+    def ignored(self, always: list[str]) -> list[str]:
+        """Names of the modules matched by `ignore` patterns, plus `always` (kept by default)."""
+        names = [n for n, _ in self.model.named_modules() if n]
+        picked: list[str] = list(always)
+        for pattern in self.cfg.ignore:
+            hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+            if not hits:
+                close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.4)
+                hint = f"; closest module names: {', '.join(close)}" if close else ""
+                self.ctx.log(f"[yellow]warning:[/yellow] ignore pattern '{pattern}' matches no "
+                             f"module{hint}")
+            picked += hits
+        return list(dict.fromkeys(picked))
+
+    def check_forward(self) -> None:
+        """The changed model still runs, else the stage fails naming the module that broke."""
+        names = {m: n for n, m in self.model.named_modules()}
+        stack: list[str] = []
+        hooks = [m.register_forward_pre_hook(lambda m, i: stack.append(names[m]))
+                 for m in self.model.modules()]
+        try:
+            with torch.no_grad():
+                out = self.model.eval()(self.example)
+        except Exception as e:
+            where = stack[-1] if stack and stack[-1] else type(self.model).__name__
+            first = str(e).splitlines()[0] if str(e) else ""
+            raise StageError(self.ctx.name, f"after {self.kind}, the forward pass fails in "
+                             f"module '{where}' ({type(e).__name__}: {first}); it probably "
+                             f"hard-codes a size. Add '{where}' (or its parent) to 'ignore'"
+                             ) from None
+        finally:
+            for h in hooks:
+                h.remove()
+        if not isinstance(out, torch.Tensor) or out.dim() != 2:
+            raise StageError(self.ctx.name, "the compressed model no longer returns "
+                                            "[batch, classes] logits")
+
+    def recover(self, epochs: int, tag: str) -> float | None:
+        """Distil the changed model from the teacher (CE without one); the final loss."""
+        if epochs <= 0:
+            return None
+        ctx, cfg = self.ctx, self.cfg
+        teacher = self.teacher.to(ctx.device).eval() if self.teacher is not None else None
+
+        def kd_step(model: nn.Module, x: torch.Tensor,
+                    y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+            with torch.no_grad():
+                t_logits = teacher(x)  # type: ignore[misc]
+            return hinton_loss(model(x), t_logits, y, cfg.temperature, cfg.alpha)
+
+        data = ctx.data()
+        try:
+            history = fit(self.model, data.train, cfg.recovery(epochs),
+                          step=kd_step if teacher is not None else cross_entropy_step,
+                          batch_size=ctx.config.data.batch_size, device=ctx.device,
+                          seed=ctx.seed, progress=ctx.progress, desc=f"{ctx.name} recover{tag}",
+                          val=data.val, eval_batch_size=ctx.config.data.eval_batch_size,
+                          resume=ctx.work_dir / f"student{tag}.resume.pt")
+        except Diverged as e:
+            raise StageError(ctx.name, f"recovery{tag}: {e}") from None
+        self.model.cpu().eval()
+        return float(history["loss"][-1])
+
+    def finish(self, edit: dict[str, Any], metrics: dict[str, Any]) -> StageResult:
+        """Measure the result against the model as it came in; record the edit."""
+        after = self._profile("after")
+        work = self.ctx.work_dir
+        timing = measure.latency({"before": work / "before.fp32.onnx",
+                                  "after": work / "after.fp32.onnx"}, self.x, self.cfg.latency_runs)
+        for label, record in (("before", self.before), ("after", after)):
+            (work / f"{label}.fp32.onnx").unlink(missing_ok=True)
+            record["latency_ms"] = timing["p50_ms"][label]
+        change = measure.compare(self.before, after, timing["speedup"]["after"])
+        for w in change["warnings"]:
+            self.ctx.log(f"[yellow]warning:[/yellow] {w}")
+        self.ctx.log(
+            f"params {self.before['params']:,} -> {after['params']:,}, MACs "
+            f"{self.before['macs']:,} -> {after['macs']:,}, batch-1 latency "
+            f"{self.before['latency_ms']:.3f} -> {after['latency_ms']:.3f} ms "
+            f"({change['latency_speedup']:.2f}x), accuracy {self.before['accuracy']:.4f} -> "
+            f"{after['accuracy']:.4f}")
+        structure = {"base": self.structure["base"], "edits": [*self.structure["edits"], edit]}
+        return StageResult(
+            metrics={**metrics, "accuracy": after["accuracy"], "before": self.before,
+                     "after": after, "change": change, "eval_split": self.ctx.data().eval_name},
+            updated={"student": self.model}, structure={"student": structure},
+            params=after["params"])
+
+
+def first_and_last(order: list[str]) -> list[str]:
+    return list(dict.fromkeys([order[0], order[-1]])) if order else []
+

@@ -1,0 +1,105 @@
+"""The prune stage on tiny models with residual adds, concatenations, depthwise convolutions and
+attention heads: the student shrinks, still exports with parity, and reloads exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from compresskit import api
+from compresskit.errors import ConfigError, StageError
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = "tests/fixtures/tiny_models.py"
+
+
+def pipeline(model: str, prune: dict, export: dict | None = None) -> dict:
+    return {
+        "name": f"prune-{model}", "data": {"source": "digits", "batch_size": 64},
+        "input": {"shape": [1, 8, 8]},
+        "teacher": {"source": f"{FIXTURES}:{model}"},
+        "stages": [
+            {"type": "train", "model": "teacher", "epochs": 1, "lr": 0.01},
+            {"type": "prune", "start_from": "teacher", "recover": 1, "latency_runs": 10,
+             **prune},
+            {"type": "export", "models": ["student"], **(export or {})},
+        ],
+    }
+
+
+def run(cfg: dict, out: Path) -> dict:
+    return api.run(cfg, base_dir=ROOT, output_dir=out, show_progress=False)
+
+
+def manifest(out: Path, stage: str) -> dict:
+    return json.loads((out / stage / "manifest.json").read_text())
+
+
+@pytest.mark.parametrize("model", ["residual", "concat", "depthwise", "transformer"])
+def test_pruned_student_is_smaller_exports_and_reloads_exactly(model, tmp_path):
+    out = tmp_path / "run"
+    report = run(pipeline(model, {"ratio": 0.5}), out)
+    prune = report["stages"][1]["metrics"]
+    assert prune["after"]["params"] < 0.6 * prune["before"]["params"]
+    assert prune["after"]["macs"] < prune["before"]["macs"]
+    assert prune["change"]["macs_ratio"] == pytest.approx(
+        prune["after"]["macs"] / prune["before"]["macs"], abs=1e-4)
+    assert report["artifacts"][0]["model"] == "student"
+    edits = manifest(out, "01-prune")["structure"]["student"]
+    assert edits["base"] == "teacher" and edits["edits"][0]["op"] == "reshape"
+    if model == "transformer":
+        assert edits["edits"][0]["modules"]["attn"]["attrs"]["num_heads"] == 2
+    # A new export rebuilds the pruned student from source + edits + weights: same accuracy.
+    again = run(pipeline(model, {"ratio": 0.5}, {"opset": 18}), out)
+    assert [s["status"] for s in again["stages"]] == ["cached", "cached", "done"]
+    bench = api.run({**pipeline(model, {"ratio": 0.5}, {"opset": 18}), "stages": [
+        *pipeline(model, {"ratio": 0.5}, {"opset": 18})["stages"],
+        {"type": "benchmark", "runs": 10, "warmup": 1, "memory": False}]},
+        base_dir=ROOT, output_dir=out, show_progress=False)
+    assert bench["benchmarks"][0]["accuracy"] == pytest.approx(prune["after"]["accuracy"])
+
+
+def test_target_macs_is_reached(tmp_path):
+    report = run(pipeline("residual", {"target_macs": 0.5, "recover": 0}), tmp_path / "run")
+    m = report["stages"][1]["metrics"]
+    assert m["mode"] == "target_macs"
+    assert 0.3 < m["change"]["macs_ratio"] <= 0.55
+
+
+def test_unreachable_target_fails_before_anything_is_saved(tmp_path):
+    out = tmp_path / "run"
+    cfg = pipeline("residual", {"target_macs": 0.05, "ignore": ["conv*"], "recover": 0})
+    with pytest.raises(StageError, match="even removing .*Raise the target or ignore fewer"):
+        run(cfg, out)
+    assert not (out / "01-prune").exists()
+
+
+def test_a_forward_that_hard_codes_sizes_is_named(tmp_path):
+    with pytest.raises(StageError, match="fails in module 'flat'.*Add 'flat'"):
+        run(pipeline("hard_coded", {"ratio": 0.5, "recover": 0}), tmp_path / "run")
+
+
+def test_ignore_pattern_matching_nothing_warns_with_close_names(tmp_path, capsys):
+    from rich.console import Console
+
+    cfg = pipeline("residual", {"ratio": 0.25, "ignore": ["conv_1"], "recover": 0})
+    cfg["stages"] = cfg["stages"][:2]
+    api.run(cfg, base_dir=ROOT, output_dir=tmp_path / "run", show_progress=False,
+            console=Console(stderr=True, width=200))
+    err = capsys.readouterr().err
+    assert "ignore pattern 'conv_1' matches no module; closest module names: conv1" in err
+
+
+def test_ignored_layers_keep_their_channels(tmp_path):
+    out = tmp_path / "run"
+    run(pipeline("concat", {"ratio": 0.5, "ignore": ["left"], "recover": 0}), out)
+    modules = manifest(out, "01-prune")["structure"]["student"]["edits"][0]["modules"]
+    assert "out_channels" not in modules.get("left", {}).get("attrs", {})
+    assert modules["right"]["attrs"]["out_channels"] == 8
+
+
+def test_two_amounts_are_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="give one of 'ratio', 'target_macs'"):
+        run(pipeline("residual", {"ratio": 0.5, "target_macs": 0.5}), tmp_path / "run")
