@@ -47,12 +47,12 @@ def digits(val_fraction: float = 0.1) -> dict[str, Dataset]:
 def digits_rgb32(size: int = 32, val_fraction: float = 0.1, seed: int = 0) -> dict[str, Dataset]:
     """The same real digits and splits as 'digits', upsampled (bilinear) to 3 x size x size and
     painted with a random light foreground and dark background colour per image plus pixel
-    noise, so a model must learn shape, not colour. A stand-in for small RGB image tasks (CIFAR-sized
-    inputs) that needs no download; the colours are fixed by `seed`."""
+    noise, so a model must learn shape, not colour. A stand-in for small RGB image tasks
+    (CIFAR-sized inputs) that needs no download; the colours are fixed by `seed`."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
-    out = {}
+    out: dict[str, Dataset] = {}
     for name, split in digits(val_fraction).items():
         x, y = split.tensors  # type: ignore[attr-defined]
         n = len(x)

@@ -58,6 +58,14 @@ def headline(report: dict[str, Any]) -> list[str]:
                 line += (f"; the same student trained without the teacher: "
                          f"{m['baseline_accuracy']:.4f} ({gain:+.1f} points from distillation)")
             lines.append(line + ".")
+        if "change" in m:
+            c = m["change"]
+            lines.append(
+                f"{s['type'].capitalize()} ({s['name']}): MACs x{c['macs_ratio']:.2f}, params "
+                f"x{c['params_ratio']:.2f}, batch-1 latency {c['latency_speedup']:.2f}x faster, "
+                f"accuracy {m['before']['accuracy']:.4f} -> {m['after']['accuracy']:.4f}"
+                f" ({100 * c['accuracy_change']:+.1f} points).")
+            lines += [f"Warning ({s['name']}): {w}." for w in c["warnings"]]
     by_key = {(b["target"], b["batch_size"], b.get("model")): b for b in report["benchmarks"]}
     for (target, bs, model), b in sorted(by_key.items(), key=lambda kv: str(kv[0])):
         if model != "student" or (target, bs, "teacher") not in by_key:
@@ -85,6 +93,21 @@ def markdown(report: dict[str, Any]) -> str:
              _fmt(s["params"]), _fmt(s["metrics"].get("accuracy"))] for s in report["stages"]]
     parts += ["## Stages", "", _table(["stage", "status", "seconds", "params", "accuracy"], rows),
               ""]
+    steps = [s for s in report["stages"] if "change" in s["metrics"]]
+    if steps:
+        rows = []
+        for s in steps:
+            before, after = s["metrics"]["before"], s["metrics"]["after"]
+            rows.append([
+                s["name"], f"{before['params']:,} -> {after['params']:,}",
+                f"{before['macs']:,} -> {after['macs']:,}",
+                f"{before['onnx_bytes'] / 1024:.1f} -> {after['onnx_bytes'] / 1024:.1f}",
+                f"{before['latency_ms']:.3f} -> {after['latency_ms']:.3f} "
+                f"({s['metrics']['change']['latency_speedup']:.2f}x)",
+                f"{before['accuracy']:.4f} -> {after['accuracy']:.4f}"])
+        parts += ["## Compression steps (before -> after, measured on FP32 ONNX exports)", "",
+                  _table(["stage", "params", "MACs", "ONNX KiB", "batch-1 ms, 1 thread",
+                          "accuracy"], rows), ""]
     if report["artifacts"]:
         rows = [[f"`{a['path']}`", a["precision"], _fmt(a["bytes"]), a["sha256"][:12]]
                 for a in report["artifacts"]]

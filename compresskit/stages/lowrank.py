@@ -70,6 +70,8 @@ def run(cfg: LowRankConfig, ctx: StageContext) -> StageResult:
                 f"than min_reduction {cfg.min_reduction}); the model is unchanged")
     for name, spec in layers.items():
         ctx.log(f"{name}: {spec['kind']} rank {spec['rank']} of {spec['full_rank']}")
+    for name, why in skipped.items():
+        ctx.log(f"{name}: kept whole ({why})")
     loss = job.recover(cfg.recover, "") if layers else None
     edit = structure.lowrank_edit({k: {"kind": v["kind"], "rank": v["rank"]}
                                    for k, v in layers.items()})

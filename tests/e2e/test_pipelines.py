@@ -39,4 +39,10 @@ def test_digits_end_to_end(tmp_path):
     assert distill["accuracy"] > distill["baseline_accuracy"]
     onnx_acc = {(b["model"], b["batch_size"]): b["accuracy"] for b in report["benchmarks"]}
     assert onnx_acc[("student", 1)] >= 0.97 and onnx_acc[("teacher", 1)] >= 0.98
+    # Pruning and factorisation shrink the distilled student, costing at most 1 point.
+    steps = {s["type"]: s["metrics"] for s in report["stages"] if "change" in s["metrics"]}
+    assert set(steps) == {"prune", "lowrank"}
+    assert steps["prune"]["change"]["macs_ratio"] < 0.8
+    assert steps["lowrank"]["factorized"] and steps["lowrank"]["change"]["macs_ratio"] < 1.0
+    assert onnx_acc[("student", 1)] >= distill["accuracy"] - 0.01
     assert report["seconds"] < 180
