@@ -62,7 +62,8 @@ def headline(report: dict[str, Any]) -> list[str]:
             c = m["change"]
             lines.append(
                 f"{s['type'].capitalize()} ({s['name']}): MACs x{c['macs_ratio']:.2f}, params "
-                f"x{c['params_ratio']:.2f}, batch-1 latency {c['latency_speedup']:.2f}x faster, "
+                f"x{c['params_ratio']:.2f}, batch-1 latency {m['before']['latency_ms']:.3f} -> "
+                f"{m['after']['latency_ms']:.3f} ms (x{1 / c['latency_speedup']:.2f}), "
                 f"accuracy {m['before']['accuracy']:.4f} -> {m['after']['accuracy']:.4f}"
                 f" ({100 * c['accuracy_change']:+.1f} points).")
             lines += [f"Warning ({s['name']}): {w}." for w in c["warnings"]]
