@@ -83,6 +83,8 @@ class StageBase(Strict):
     """Top-level model sections (teacher/student) this stage needs."""
     reads_artifacts: ClassVar[bool] = False
     """Whether the stage reads files written by earlier stages (so it reruns when they change)."""
+    quantizes: ClassVar[bool] = False
+    """A stage that quantizes the model as it stands; nothing may change the model after it."""
 
     @property
     def models_needed(self) -> tuple[str, ...]:
@@ -320,6 +322,100 @@ class LowRankConfig(CompressOptions):
     )
 
 
+class Int8Options(StageBase):
+    """What every INT8 stage checks before it writes its artifact."""
+
+    min_int8_coverage: float = Field(
+        0.9, ge=0, le=1,
+        description=(
+            "Fail unless at least this share of the Conv/Gemm/MatMul MACs with constant weights "
+            "runs in onnxruntime integer kernels after graph optimisation."
+        ),
+    )
+    calibration_samples: int = Field(
+        512, ge=1, description="Training samples that calibrate activation ranges."
+    )
+    reduce_range: bool = Field(
+        True,
+        description=(
+            "7-bit weights, so uint8 x int8 products cannot saturate on x86 CPUs without VNNI "
+            "(AVX2); onnxruntime's INT8 on such CPUs is otherwise wrong, not just slow."
+        ),
+    )
+    per_channel: bool = Field(True, description="One weight scale per output channel.")
+
+
+class QatConfig(Int8Options):
+    """Quantization-aware training with NNCF: BatchNorm folded into its convolution, fake
+    quantizers inserted (calibrated on training data), fine-tuned with the distillation loss
+    from the teacher, stripped, and written as INT8 ONNX (QDQ, int8 weights) that is checked
+    for parity with the fake-quantized torch model. The FP32 student is left as it was, so
+    `export` still writes it for comparison; nothing may change the model after `qat`."""
+
+    type: Literal["qat"]
+    quantizes: ClassVar[bool] = True
+
+    model: ModelRole = Field(
+        "student",
+        description="Which model to quantize. With 'teacher' and distill: true, the FP32 teacher "
+                    "teaches its own quantized copy.",
+    )
+    epochs: int = Field(2, ge=0, description="Fine-tuning epochs with quantizers in place.")
+    lr: float = Field(1e-4, gt=0, le=1, description="Fine-tuning learning rate (keep it small).")
+    optimizer: Literal["adamw", "adam", "sgd"] = Field("adam", description="Optimiser.")
+    weight_decay: float = Field(0.0, ge=0, description="Weight decay.")
+    schedule: Literal["cosine", "constant"] = Field("cosine", description="LR schedule.")
+    checkpoint_every: int = Field(1, ge=0, description="Resumable checkpoint every N epochs.")
+    distill: bool = Field(
+        True, description="Fine-tune with KD from the teacher; false: cross-entropy alone."
+    )
+    temperature: float = Field(4.0, gt=0, le=100, description="KD softmax temperature T.")
+    alpha: float = Field(0.9, ge=0, le=1, description="Weight of the KD term.")
+    preset: Literal["performance", "mixed"] = Field(
+        "performance",
+        description="NNCF preset: symmetric quantizers everywhere, or asymmetric activations.",
+    )
+    ignore: list[str] = Field(
+        default_factory=list,
+        description="Module names (glob patterns) kept in float.",
+    )
+    logit_atol: float = Field(
+        0.5, gt=0,
+        description="Largest |onnxruntime - torch fake-quant| logit difference accepted.",
+    )
+    min_agreement: float = Field(
+        0.99, ge=0, le=1,
+        description="Smallest top-1 agreement of onnxruntime with the fake-quantized torch "
+                    "model on the evaluation split.",
+    )
+    opset: int = Field(17, ge=13, le=21, description="ONNX opset version.")
+
+    @property
+    def models_needed(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys((self.model, "teacher"))) if self.distill else (self.model,)
+
+    def artifact(self) -> str:
+        return f"artifacts/{self.model}.qat{'' if self.distill else '-ce'}.int8.onnx"
+
+    def training(self) -> TrainingOptions:
+        return TrainingOptions(epochs=max(1, self.epochs), lr=self.lr, optimizer=self.optimizer,
+                               weight_decay=self.weight_decay, schedule=self.schedule,
+                               checkpoint_every=self.checkpoint_every)
+
+
+class PtqConfig(Int8Options):
+    """Post-training static quantization of the exported FP32 student ONNX with onnxruntime
+    (QDQ, uint8 activations, int8 weights), for models that cannot be retrained; also the
+    baseline QAT is compared with."""
+
+    type: Literal["ptq"]
+    needs_before: ClassVar[tuple[str, ...]] = ("export",)
+    reads_artifacts: ClassVar[bool] = True
+    quantizes: ClassVar[bool] = True
+
+    model: ModelRole = Field("student", description="Which exported model to quantize.")
+
+
 class ExportConfig(StageBase):
     """FP32 ONNX export with a dynamic batch axis, checked by onnx.checker and for parity."""
 
@@ -371,8 +467,8 @@ class BenchmarkConfig(StageBase):
 
 
 StageConfig = Annotated[
-    Union[TrainConfig, DistillConfig, PruneConfig, LowRankConfig, ExportConfig,  # noqa: UP007
-          BenchmarkConfig],
+    Union[TrainConfig, DistillConfig, PruneConfig, LowRankConfig, QatConfig,  # noqa: UP007
+          ExportConfig, PtqConfig, BenchmarkConfig],
     Field(discriminator="type"),
 ]
 
@@ -381,7 +477,9 @@ STAGE_CONFIGS: dict[str, type[StageBase]] = {
     "distill": DistillConfig,
     "prune": PruneConfig,
     "lowrank": LowRankConfig,
+    "qat": QatConfig,
     "export": ExportConfig,
+    "ptq": PtqConfig,
     "benchmark": BenchmarkConfig,
 }
 
@@ -411,7 +509,7 @@ def order_problems(cfg: PipelineConfig) -> list[tuple[tuple[Any, ...], str]]:
     """Stage-order and cross-section rules, as (path, message) pairs; empty when all hold."""
     problems: list[tuple[tuple[Any, ...], str]] = []
     seen: list[str] = []
-    exported = False
+    exported = quantized = False
     available = {role for role in ("teacher", "student") if getattr(cfg, role) is not None}
     for i, stage in enumerate(cfg.stages):
         path = ("stages", i, "type")
@@ -419,6 +517,11 @@ def order_problems(cfg: PipelineConfig) -> list[tuple[tuple[Any, ...], str]]:
             problems.append(
                 (path, f"'{stage.type}' changes the model, so it cannot come after 'export'; "
                  "move it before the export stage")
+            )
+        elif quantized and stage.changes_model:
+            problems.append(
+                (path, f"'{stage.type}' changes the model, so it cannot come after a "
+                 "quantization stage, which quantizes the model as it stands; move it before")
             )
         if stage.needs_before and not any(t in seen for t in stage.needs_before):
             need = " or ".join(f"'{t}'" for t in stage.needs_before)
@@ -438,5 +541,6 @@ def order_problems(cfg: PipelineConfig) -> list[tuple[tuple[Any, ...], str]]:
             problems.append((("stages", i), "give 'energy' or 'rank_ratio', not both"))
         available.update(stage.produces)
         exported = exported or stage.type == "export"
+        quantized = quantized or stage.quantizes
         seen.append(stage.type)
     return problems

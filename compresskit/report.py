@@ -45,6 +45,37 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
+def _pace(speedup: float) -> str:
+    return f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower"
+
+
+def _by_target_and_batch(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for b in rows:
+        groups.setdefault((b["target"], b["batch_size"]), []).append(b)
+    return [groups[k] for k in sorted(groups, key=str)]
+
+
+def quantization_rows(report: dict[str, Any]) -> list[list[str]]:
+    """INT8 artifacts against the FP32 file of the same model, at the first target's batch 1
+    (or smallest batch): what QAT with and without distillation and PTQ each bought."""
+    out = []
+    for group in _by_target_and_batch(report["benchmarks"])[:1]:
+        fp32 = {b["model"]: b for b in group if b.get("precision") == "fp32"}
+        for q in group:
+            base = fp32.get(q.get("model"))
+            if q.get("precision") != "int8" or base is None:
+                continue
+            art = next((a for a in report["artifacts"] if a["path"] == q["artifact"]), {})
+            out.append([q["model"], str(q.get("method")), _fmt(base["accuracy"]),
+                        _fmt(q["accuracy"]), f"{100 * (q['accuracy'] - base['accuracy']):+.1f}",
+                        f"{base['latency_ms']['p50']:.3f} -> {q['latency_ms']['p50']:.3f}",
+                        f"{base['latency_ms']['p50'] / q['latency_ms']['p50']:.2f}x",
+                        f"{q['bytes'] / max(1, base['bytes']):.2f}",
+                        _fmt(art.get("int8_coverage"), 3)])
+    return out
+
+
 def headline(report: dict[str, Any]) -> list[str]:
     """Plain-words findings drawn only from measured numbers."""
     lines = []
@@ -67,19 +98,30 @@ def headline(report: dict[str, Any]) -> list[str]:
                 f"accuracy {m['before']['accuracy']:.4f} -> {m['after']['accuracy']:.4f}"
                 f" ({100 * c['accuracy_change']:+.1f} points).")
             lines += [f"Warning ({s['name']}): {w}." for w in c["warnings"]]
-    by_key = {(b["target"], b["batch_size"], b.get("model")): b for b in report["benchmarks"]}
-    for (target, bs, model), b in sorted(by_key.items(), key=lambda kv: str(kv[0])):
-        if model != "student" or (target, bs, "teacher") not in by_key:
-            continue
-        t = by_key[(target, bs, "teacher")]
-        speedup = (b["speedup"] if b.get("speedup_vs") == t["artifact"]
-                   else t["latency_ms"]["p50"] / b["latency_ms"]["p50"])
-        pace = f"{speedup:.1f}x faster" if speedup >= 1 else f"{1 / speedup:.1f}x slower"
-        lines.append(
-            f"On {target} at batch {bs}, the student ONNX runs {pace} than the "
-            f"teacher ONNX (p50 {b['latency_ms']['p50']:.3f} vs "
-            f"{t['latency_ms']['p50']:.3f} ms) at {100 * (b['accuracy'] - t['accuracy']):+.1f} "
-            f"points, in a {t['bytes'] / max(1, b['bytes']):.0f}x smaller file.")
+    for group in _by_target_and_batch(report["benchmarks"]):
+        fp32 = {b["model"]: b for b in group if b.get("precision") == "fp32"}
+        b, t = fp32.get("student"), fp32.get("teacher")
+        if b is not None and t is not None:
+            target, bs = b["target"], b["batch_size"]
+            speedup = (b["speedup"] if b.get("speedup_vs") == t["artifact"]
+                       else t["latency_ms"]["p50"] / b["latency_ms"]["p50"])
+            lines.append(
+                f"On {target} at batch {bs}, the student ONNX runs {_pace(speedup)} than the "
+                f"teacher ONNX (p50 {b['latency_ms']['p50']:.3f} vs "
+                f"{t['latency_ms']['p50']:.3f} ms) at "
+                f"{100 * (b['accuracy'] - t['accuracy']):+.1f} points, in a "
+                f"{t['bytes'] / max(1, b['bytes']):.0f}x smaller file.")
+        for q in group:
+            base = fp32.get(q.get("model"))
+            if q.get("precision") != "int8" or base is None:
+                continue
+            lines.append(
+                f"On {q['target']} at batch {q['batch_size']}, the INT8 {q['model']} "
+                f"({q.get('method')}) runs "
+                f"{_pace(base['latency_ms']['p50'] / q['latency_ms']['p50'])} than its FP32 "
+                f"file (p50 {q['latency_ms']['p50']:.3f} vs {base['latency_ms']['p50']:.3f} ms) "
+                f"at {100 * (q['accuracy'] - base['accuracy']):+.1f} points, in "
+                f"{q['bytes'] / max(1, base['bytes']):.2f}x the bytes.")
     return lines
 
 
@@ -109,6 +151,14 @@ def markdown(report: dict[str, Any]) -> str:
         parts += ["## Compression steps (before -> after, measured on FP32 ONNX exports)", "",
                   _table(["stage", "params", "MACs", "ONNX KiB", "batch-1 ms, 1 thread",
                           "accuracy"], rows), ""]
+    quant_rows = quantization_rows(report)
+    if quant_rows:
+        first = report["benchmarks"][0]
+        parts += [f"## INT8 against FP32 ({first['target']}, batch {first['batch_size']}, "
+                  "measured on the files)", "",
+                  _table(["model", "method", "FP32 accuracy", "INT8 accuracy", "points",
+                          "p50 ms FP32 -> INT8", "speedup", "size ratio", "int8_coverage"],
+                         quant_rows), ""]
     if report["artifacts"]:
         rows = [[f"`{a['path']}`", a["precision"], _fmt(a["bytes"]), a["sha256"][:12]]
                 for a in report["artifacts"]]

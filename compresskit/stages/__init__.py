@@ -6,8 +6,8 @@ from collections.abc import Callable
 from typing import Any
 
 from compresskit.registry import Registry
-from compresskit.stages import benchmark, distill, export, lowrank, prune, train
+from compresskit.stages import benchmark, distill, export, lowrank, prune, ptq, qat, train
 
 STAGES: Registry[Callable[[Any, Any], Any]] = Registry("stage")
-for _module in (train, distill, prune, lowrank, export, benchmark):
+for _module in (train, distill, prune, lowrank, qat, export, ptq, benchmark):
     STAGES.register(_module.__name__.rsplit(".", 1)[-1])(_module.run)

@@ -12,7 +12,9 @@ from compresskit.targets import TARGETS
 
 
 def run(cfg: BenchmarkConfig, ctx: StageContext) -> StageResult:
-    artifacts = [a for a in ctx.artifacts if a.get("format") == "onnx"]
+    # The teacher's FP32 file first: it is the reference each speedup is measured against.
+    artifacts = sorted((a for a in ctx.artifacts if a.get("format") == "onnx"),
+                       key=lambda a: (a.get("model") != "teacher", a.get("precision") != "fp32"))
     x, y = eval_arrays(ctx)
     rows: list[dict] = []
     unavailable: dict[str, str] = {}
@@ -38,7 +40,7 @@ def run(cfg: BenchmarkConfig, ctx: StageContext) -> StageResult:
                 ms = times[a["path"]]
                 stats = summarize(ms)
                 row = {
-                    "artifact": a["path"], "model": a.get("model"),
+                    "artifact": a["path"], "model": a.get("model"), "method": a.get("method"),
                     "precision": a.get("precision"), "target": name, "batch_size": bs,
                     "threads": threads, "runs": cfg.runs,
                     "latency_ms": {k: round(v, 4) for k, v in stats.items()},

@@ -1,0 +1,97 @@
+"""What the INT8 stages (qat, ptq) share: the checks an INT8 file must pass before it is written,
+and its measurements against the FP32 file of the same model."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from compresskit import measure
+from compresskit.artifacts import atomic_path, sha256_file
+from compresskit.backends import ort as ort_backend
+from compresskit.backends import quant
+from compresskit.backends.onnx_export import ExportError, check_model
+from compresskit.config import Int8Options
+from compresskit.context import StageContext
+from compresskit.errors import StageError
+from compresskit.targets import TARGETS
+
+
+def calibration(ctx: StageContext, samples: int) -> list[torch.Tensor]:
+    """The first `samples` training inputs, in batches, in a fixed order."""
+    from compresskit.training import loader
+
+    out, n = [], 0
+    for x, _ in loader(ctx.data().train, ctx.config.data.batch_size, shuffle=False, seed=0):
+        out.append(x[: samples - n])
+        n += len(out[-1])
+        if n >= samples:
+            break
+    return out
+
+
+def onnx_logits(path: Path, x: np.ndarray) -> np.ndarray:
+    sess = ort_backend.session(path, TARGETS.get("cpu"), threads=1)
+    return ort_backend.predict(sess, x, 256).astype(np.float32)
+
+
+def publish(ctx: StageContext, cfg: Int8Options, staged: Path, rel: str, fp32: Path,
+            x: np.ndarray, y: np.ndarray, extra: dict[str, Any],
+            reference: np.ndarray | None = None, logit_atol: float | None = None,
+            min_agreement: float | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Check an INT8 file (onnx.checker, integer coverage, parity with `reference` logits when
+    given), measure it against `fp32`, then move it to run_dir/rel. Nothing is written on
+    failure, so earlier artifacts stay as they were."""
+    try:
+        check_model(staged)
+    except ExportError as e:
+        raise StageError(ctx.name, str(e)) from None
+    coverage = quant.int8_coverage(staged, quant.optimized_graph(
+        staged, ctx.work_dir / "int8.optimized.onnx"))
+    if coverage["int8_coverage"] < cfg.min_int8_coverage:
+        floats = ", ".join(coverage["float_nodes"][:8]) or "none found"
+        raise StageError(ctx.name, (
+            f"only {coverage['int8_coverage']:.1%} of the MACs run in integer kernels after "
+            f"onnxruntime's optimisation (min_int8_coverage {cfg.min_int8_coverage}); still "
+            f"float: {floats}. Layers in 'ignore', or ops between a conv and its activation "
+            "that onnxruntime cannot fuse, keep a layer float; lower min_int8_coverage to "
+            "accept it"))
+    logits = onnx_logits(staged, x)
+    metrics: dict[str, Any] = {**extra, **{k: coverage[k] for k in (
+        "int8_coverage", "float_nodes", "op_counts")},
+        "accuracy": float((logits.argmax(1) == y).mean())}
+    if reference is not None:
+        diff = np.abs(logits - reference)
+        parity = {"max_abs_diff": float(diff.max()),
+                  "top1_agreement": float((logits.argmax(1) == reference.argmax(1)).mean()),
+                  "samples": len(x)}
+        metrics["parity"] = parity
+        if (logit_atol is not None and parity["max_abs_diff"] > logit_atol) or (
+                min_agreement is not None and parity["top1_agreement"] < min_agreement):
+            raise StageError(ctx.name, (
+                f"the INT8 file disagrees with the fake-quantized torch model: top-1 agreement "
+                f"{parity['top1_agreement']:.4f} (min_agreement {min_agreement}), largest logit "
+                f"difference {parity['max_abs_diff']:.3g} (logit_atol {logit_atol}). On CPUs "
+                "without VNNI keep reduce_range: true; nothing was written"))
+    timing = measure.latency({"fp32": fp32, "int8": staged}, x, 100)
+    metrics.update({
+        "fp32_bytes": fp32.stat().st_size, "int8_bytes": staged.stat().st_size,
+        "size_ratio": round(staged.stat().st_size / fp32.stat().st_size, 4),
+        "latency_ms": timing["p50_ms"], "speedup_vs_fp32": timing["speedup"]["int8"]})
+    final = ctx.run_dir / rel
+    with atomic_path(final) as tmp:
+        shutil.copyfile(staged, tmp)
+    staged.unlink()
+    ctx.log(f"{rel}: int8_coverage {metrics['int8_coverage']:.3f}, accuracy "
+            f"{metrics['accuracy']:.4f}, {metrics['size_ratio']:.2f}x the FP32 file, batch-1 "
+            f"{timing['p50_ms']['fp32']:.3f} -> {timing['p50_ms']['int8']:.3f} ms "
+            f"({metrics['speedup_vs_fp32']:.2f}x)")
+    artifact = {"path": rel, "format": "onnx", "precision": "int8", "model": None,
+                "method": extra.get("method"), "bytes": final.stat().st_size,
+                "sha256": sha256_file(final), "int8_coverage": metrics["int8_coverage"]}
+    return metrics, artifact
+

@@ -1,0 +1,41 @@
+"""`ptq`: post-training static quantization of the exported FP32 ONNX with onnxruntime.
+
+QDQ format, uint8 activations and int8 weights (per channel, 7-bit with reduce_range): the only
+combination onnxruntime fuses into integer kernels on x86 without VNNI (shared/facts.md).
+"""
+
+from __future__ import annotations
+
+from compresskit import measure
+from compresskit.backends import quant
+from compresskit.config import PtqConfig
+from compresskit.context import StageContext, StageResult
+from compresskit.errors import StageError
+from compresskit.stages.int8 import calibration, onnx_logits, publish
+
+
+def run(cfg: PtqConfig, ctx: StageContext) -> StageResult:
+    source = next((a for a in reversed(ctx.artifacts) if a.get("model") == cfg.model
+                   and a.get("precision") == "fp32"), None)
+    if source is None:  # validation requires an export; it may not have exported this model
+        raise StageError(ctx.name, f"no FP32 ONNX of the {cfg.model} was exported before this "
+                                   f"stage; add '{cfg.model}' to the export stage's models")
+    fp32 = ctx.run_dir / source["path"]
+    x, y = measure.eval_arrays(ctx)
+    batches = [b.numpy() for b in calibration(ctx, cfg.calibration_samples)]
+    staged = ctx.work_dir / f"{cfg.model}.ptq.int8.onnx"
+    try:
+        quant.ptq(fp32, staged, batches, per_channel=cfg.per_channel,
+                  reduce_range=cfg.reduce_range)
+    except Exception as e:  # onnxruntime's quantizer raises bare exceptions on unsupported ops
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise StageError(ctx.name, f"onnxruntime could not quantize {source['path']} "
+                                   f"({type(e).__name__}: {first})") from None
+    reference = onnx_logits(fp32, x)
+    metrics, artifact = publish(
+        ctx, cfg, staged, f"artifacts/{cfg.model}.ptq.int8.onnx", fp32, x, y,
+        {"method": "ptq", "fp32_accuracy": float((reference.argmax(1) == y).mean()),
+         "eval_split": ctx.data().eval_name},
+        reference=reference)
+    artifact["model"] = cfg.model
+    return StageResult(metrics=metrics, artifacts=[artifact])

@@ -1,0 +1,91 @@
+"""`qat`: quantization-aware training with NNCF and distillation, written as INT8 ONNX.
+
+BatchNorm is folded into its convolution first, so onnxruntime can fuse every quantized conv into
+QLinearConv; NNCF inserts and calibrates fake quantizers; our training loop fine-tunes with the
+KD loss; `nncf.strip` leaves torch fake-quantize ops that the TorchScript exporter writes as
+QuantizeLinear/DequantizeLinear pairs; the weights are then stored as int8. The FP32 student is
+not changed: `export` still writes it, and the benchmark compares the two files.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from torch import nn
+
+from compresskit import measure
+from compresskit.backends import quant
+from compresskit.backends.onnx_export import ExportError, export_onnx
+from compresskit.config import QatConfig
+from compresskit.context import StageContext, StageResult
+from compresskit.errors import StageError
+from compresskit.modelio import example_input
+from compresskit.ops.kd import hinton_loss
+from compresskit.stages.int8 import calibration, publish
+from compresskit.training import Diverged, cross_entropy_step, fit
+
+
+def run(cfg: QatConfig, ctx: StageContext) -> StageResult:
+    x, y = measure.eval_arrays(ctx)
+    student = copy.deepcopy(ctx.model(cfg.model)).cpu().eval()
+    work = ctx.work_dir
+    fp32_path = work / f"{cfg.model}.fp32.onnx"
+    try:
+        fp32 = measure.profile(student, fp32_path, x, y, cfg.opset)
+    except ExportError as e:
+        raise StageError(ctx.name, f"the FP32 {cfg.model} cannot be exported: {e}") from None
+    folded = quant.fold_batchnorm(student, torch.from_numpy(x[:8]))
+    try:
+        model = quant.nncf_quantize(student, calibration(ctx, cfg.calibration_samples),
+                                    preset=cfg.preset, ignore=cfg.ignore,
+                                    overflow_fix=cfg.reduce_range)
+    except quant.QuantError as e:
+        raise StageError(ctx.name, str(e)) from None
+    loss = None
+    if cfg.epochs:
+        teacher = ctx.model("teacher").to(ctx.device).eval() if cfg.distill else None
+
+        def kd_step(m: nn.Module, xb: torch.Tensor,
+                    yb: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+            with torch.no_grad():
+                t_logits = teacher(xb)  # type: ignore[misc]
+            return hinton_loss(m(xb), t_logits, yb, cfg.temperature, cfg.alpha)
+
+        data = ctx.data()
+        try:
+            history = fit(model, data.train, cfg.training(),
+                          step=kd_step if teacher is not None else cross_entropy_step,
+                          batch_size=ctx.config.data.batch_size, device=ctx.device,
+                          seed=ctx.seed, progress=ctx.progress, desc=f"{ctx.name} {cfg.model}",
+                          val=data.val, eval_batch_size=ctx.config.data.eval_batch_size,
+                          resume=work / "student.resume.pt")
+        except Diverged as e:
+            raise StageError(ctx.name, f"{e}; QAT wants a small lr (1e-4)") from None
+        loss = float(history["loss"][-1])
+    model.cpu().eval()
+    example = example_input(ctx.config.input, batch=2)
+    stripped = quant.strip(model, example)
+    with torch.no_grad():
+        reference = stripped(torch.from_numpy(x)).float().numpy()
+    staged = work / f"{cfg.model}.int8.onnx"
+    try:
+        export_onnx(stripped, example, staged, cfg.opset)
+    except ExportError as e:
+        raise StageError(ctx.name, f"the quantized {cfg.model} cannot be exported: {e}"
+                         ) from None
+    rewritten = quant.int8_weights(staged)
+    method = "qat+kd" if cfg.distill else "qat"
+    metrics, artifact = publish(
+        ctx, cfg, staged, cfg.artifact(), fp32_path, x, y,
+        {"method": method, "fp32_accuracy": fp32["accuracy"],
+         "fake_quant_accuracy": float((reference.argmax(1) == y).mean()),
+         "folded_batchnorm": folded, "int8_weight_tensors": rewritten, "final_loss": loss,
+         "eval_split": ctx.data().eval_name},
+        reference=reference, logit_atol=cfg.logit_atol, min_agreement=cfg.min_agreement)
+    fp32_path.unlink(missing_ok=True)
+    artifact["model"] = cfg.model
+    if not np.isfinite(metrics["accuracy"]):
+        raise StageError(ctx.name, "the INT8 model produced no finite outputs")
+    return StageResult(metrics=metrics, artifacts=[artifact])
