@@ -66,7 +66,8 @@ def quantization_rows(report: dict[str, Any]) -> list[list[str]]:
             base = fp32.get(q.get("model"))
             if q.get("precision") != "int8" or base is None:
                 continue
-            art = next((a for a in report["artifacts"] if a["path"] == q["artifact"]), {})
+            art: dict[str, Any] = next(
+                (a for a in report["artifacts"] if a["path"] == q["artifact"]), {})
             out.append([q["model"], str(q.get("method")), _fmt(base["accuracy"]),
                         _fmt(q["accuracy"]), f"{100 * (q['accuracy'] - base['accuracy']):+.1f}",
                         f"{base['latency_ms']['p50']:.3f} -> {q['latency_ms']['p50']:.3f}",
