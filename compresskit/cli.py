@@ -172,11 +172,13 @@ def list_things() -> None:
     from compresskit.data import DATASETS
     from compresskit.targets import TARGETS
 
+    def first_sentence(doc: str | None) -> str:
+        text = " ".join((doc or "").split())
+        return text.split(". ")[0].split(": ")[0].rstrip(".") + "."
+
     for title, items in (
-        ("stages", [(k, (v.__doc__ or "").strip().splitlines()[0])
-                    for k, v in STAGE_CONFIGS.items()]),
-        ("data sources", [(k, (f.__doc__ or "").strip().splitlines()[0])
-                          for k, f in DATASETS.items()]),
+        ("stages", [(k, first_sentence(v.__doc__)) for k, v in STAGE_CONFIGS.items()]),
+        ("data sources", [(k, first_sentence(f.__doc__)) for k, f in DATASETS.items()]),
         ("targets", [(k, t.description) for k, t in TARGETS.items()]),
     ):
         t = Table(title=title, title_justify="left", show_header=False)

@@ -379,9 +379,12 @@ class QatConfig(Int8Options):
         default_factory=list,
         description="Module names (glob patterns) kept in float.",
     )
-    logit_atol: float = Field(
-        0.5, gt=0,
-        description="Largest |onnxruntime - torch fake-quant| logit difference accepted.",
+    logit_tol: float = Field(
+        0.05, gt=0,
+        description=(
+            "Largest |onnxruntime - torch fake-quant| logit difference accepted, as a fraction "
+            "of the range of the torch logits on the evaluation split."
+        ),
     )
     min_agreement: float = Field(
         0.99, ge=0, le=1,

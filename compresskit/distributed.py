@@ -9,6 +9,8 @@ a cheap no-op, and nothing imports torch.distributed until a process group exist
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -16,9 +18,24 @@ if TYPE_CHECKING:
     from torch import nn
 
 
+_ALONE = False
+
+
+@contextmanager
+def alone() -> Iterator[None]:
+    """Rank 0 working by itself on a stage the other ranks skip (export, benchmark, qat, ptq):
+    training inside it must not wait for collectives the other ranks never join."""
+    global _ALONE
+    before, _ALONE = _ALONE, True
+    try:
+        yield
+    finally:
+        _ALONE = before
+
+
 def launched() -> bool:
     """Whether torchrun started this process as one of several."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return not _ALONE and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def active() -> bool:
@@ -34,7 +51,7 @@ def rank() -> int:
 
 
 def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return 1 if _ALONE else int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def is_main() -> bool:

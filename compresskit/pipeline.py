@@ -9,6 +9,7 @@ that depend on it; editing the student's kwargs does not retrain the teacher.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -219,7 +220,8 @@ class Runner:
             _data=self._data, _model=self._model, _structure=self._structure_of)
         try:
             torch.manual_seed(ctx.seed)
-            result = STAGES.get(stage_cfg.type)(stage_cfg, ctx)
+            with contextlib.nullcontext() if stage_cfg.changes_model else dist.alone():
+                result = STAGES.get(stage_cfg.type)(stage_cfg, ctx)
             if main:
                 manifest = self._commit(index, name, stage_cfg.type, stage_hash, work,
                                         self.run_dir / name, result,

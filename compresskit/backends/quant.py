@@ -45,16 +45,16 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> list[str]:
 
     model.eval()
     names = {m: n for n, m in model.named_modules()}
-    produced: dict[int, nn.Module] = {}
+    produced: dict[int, tuple[nn.Module, torch.Tensor]] = {}  # tensors held: ids stay unique
     pairs: list[tuple[str, str]] = []
     hooks = []
     for m in model.modules():
         if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d):
             hooks.append(m.register_forward_hook(
-                lambda mod, i, out: produced.__setitem__(id(out), mod)))
+                lambda mod, i, out: produced.__setitem__(id(out), (mod, out))))
         elif isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d):
             hooks.append(m.register_forward_pre_hook(
-                lambda mod, i: pairs.append((names[produced[id(i[0])]], names[mod]))
+                lambda mod, i: pairs.append((names[produced[id(i[0])][0]], names[mod]))
                 if id(i[0]) in produced else None))
     try:
         with torch.no_grad():
@@ -83,11 +83,11 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> list[str]:
 
 
 def module_patterns_to_regex(patterns: Iterable[str]) -> list[str]:
-    """Our `ignore` globs over module names as regexes over NNCF node names, which start with
-    the module path (e.g. 'features.0.0/conv2d/0')."""
+    """Our `ignore` globs over module names as regexes over NNCF node names, which spell the
+    module path with slashes (module 'features.0.0' -> node 'features/0/0/conv2d/0')."""
     out = []
     for p in patterns:
-        body = re.escape(p).replace(r"\*", ".*").replace(r"\?", ".")
+        body = "".join({".": "/", "*": ".*", "?": "."}.get(c, re.escape(c)) for c in p)
         out.append(f"^{body}(/.*)?$")
     return out
 
@@ -170,8 +170,36 @@ def int8_weights(path: Path) -> int:
     graph.initializer.extend(rest + new_inits)
     del graph.node[:]
     graph.node.extend(kept_nodes)
+    _compact(model)
     onnx.save(model, str(path))
     return len(new_inits)
+
+
+def _compact(model: onnx.ModelProto) -> None:
+    """Drop Identity copies of constants and give internal tensors short names: on a small
+    model, NNCF's long hook names weigh more than the int8 weights themselves."""
+    graph = model.graph
+    inits = {i.name for i in graph.initializer}
+    alias = {n.output[0]: n.input[0] for n in graph.node
+             if n.op_type == "Identity" and n.input[0] in inits}
+    nodes = [n for n in graph.node if n.output[0] not in alias]
+    keep = {v.name for v in [*graph.input, *graph.output]}
+    names: dict[str, str] = {}
+
+    def short(name: str) -> str:
+        name = alias.get(name, name)
+        if not name or name in keep:
+            return name
+        return names.setdefault(name, f"t{len(names)}")
+
+    for i in graph.initializer:
+        i.name = short(i.name)
+    for n in nodes:
+        n.input[:] = [short(x) for x in n.input]
+        n.output[:] = [short(x) for x in n.output]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.value_info[:]
 
 
 def optimized_graph(path: Path, out: Path) -> onnx.ModelProto:
@@ -273,4 +301,7 @@ def ptq(fp32: Path, out: Path, batches: list[np.ndarray], *, per_channel: bool,
         quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         per_channel=per_channel, reduce_range=reduce_range)
+    model = onnx.load(str(out))
+    _compact(model)
+    onnx.save(model, str(out))
 

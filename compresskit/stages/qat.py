@@ -10,6 +10,8 @@ not changed: `export` still writes it, and the benchmark compares the two files.
 from __future__ import annotations
 
 import copy
+import difflib
+import fnmatch
 
 import numpy as np
 import torch
@@ -36,6 +38,12 @@ def run(cfg: QatConfig, ctx: StageContext) -> StageResult:
         fp32 = measure.profile(student, fp32_path, x, y, cfg.opset)
     except ExportError as e:
         raise StageError(ctx.name, f"the FP32 {cfg.model} cannot be exported: {e}") from None
+    names = [n for n, _ in student.named_modules() if n]
+    for pattern in cfg.ignore:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.4)
+            ctx.log(f"[yellow]warning:[/yellow] ignore pattern '{pattern}' matches no module"
+                    + (f"; closest module names: {', '.join(close)}" if close else ""))
     folded = quant.fold_batchnorm(student, torch.from_numpy(x[:8]))
     try:
         model = quant.nncf_quantize(student, calibration(ctx, cfg.calibration_samples),
@@ -83,7 +91,7 @@ def run(cfg: QatConfig, ctx: StageContext) -> StageResult:
          "fake_quant_accuracy": float((reference.argmax(1) == y).mean()),
          "folded_batchnorm": folded, "int8_weight_tensors": rewritten, "final_loss": loss,
          "eval_split": ctx.data().eval_name},
-        reference=reference, logit_atol=cfg.logit_atol, min_agreement=cfg.min_agreement)
+        reference=reference, logit_tol=cfg.logit_tol, min_agreement=cfg.min_agreement)
     fp32_path.unlink(missing_ok=True)
     artifact["model"] = cfg.model
     if not np.isfinite(metrics["accuracy"]):

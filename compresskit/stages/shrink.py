@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from compresskit import distributed as dist
 from compresskit import measure
 from compresskit.backends.onnx_export import ExportError
 from compresskit.config import CompressOptions
@@ -33,7 +34,10 @@ class Shrink:
         self.example = example_input(ctx.config.input, batch=1)
         self.teacher = ctx.model("teacher") if ctx.config.teacher is not None else None
         self.x, self.y = measure.eval_arrays(ctx)
-        self.before = self._profile("before")
+        # Under torchrun every rank shrinks the same way; rank 0 alone measures, so the others
+        # neither slow its latency runs nor repeat work whose numbers are dropped.
+        self.measured = dist.is_main()
+        self.before = self._profile("before") if self.measured else {}
 
     def _profile(self, label: str) -> dict[str, Any]:
         try:
@@ -108,6 +112,10 @@ class Shrink:
 
     def finish(self, edit: dict[str, Any], metrics: dict[str, Any]) -> StageResult:
         """Measure the result against the model as it came in; record the edit."""
+        structure = {"base": self.structure["base"], "edits": [*self.structure["edits"], edit]}
+        if not self.measured:
+            return StageResult(metrics=metrics, updated={"student": self.model},
+                               structure={"student": structure})
         after = self._profile("after")
         work = self.ctx.work_dir
         timing = measure.latency({"before": work / "before.fp32.onnx",
@@ -124,7 +132,6 @@ class Shrink:
             f"{self.before['latency_ms']:.3f} -> {after['latency_ms']:.3f} ms "
             f"({change['latency_speedup']:.2f}x), accuracy {self.before['accuracy']:.4f} -> "
             f"{after['accuracy']:.4f}")
-        structure = {"base": self.structure["base"], "edits": [*self.structure["edits"], edit]}
         return StageResult(
             metrics={**metrics, "accuracy": after["accuracy"], "before": self.before,
                      "after": after, "change": change, "eval_split": self.ctx.data().eval_name},

@@ -37,12 +37,18 @@ def test_digits_end_to_end(tmp_path):
     distill = next(s for s in report["stages"] if s["type"] == "distill")["metrics"]
     assert distill["teacher_accuracy"] >= 0.98
     assert distill["accuracy"] > distill["baseline_accuracy"]
-    onnx_acc = {(b["model"], b["batch_size"]): b["accuracy"] for b in report["benchmarks"]}
+    onnx_acc = {(b["model"], b["batch_size"]): b["accuracy"] for b in report["benchmarks"]
+                if b["precision"] == "fp32"}
     assert onnx_acc[("student", 1)] >= 0.97 and onnx_acc[("teacher", 1)] >= 0.98
     # Pruning and factorisation shrink the distilled student, costing at most 1 point.
     steps = {s["type"]: s["metrics"] for s in report["stages"] if "change" in s["metrics"]}
     assert set(steps) == {"prune", "lowrank"}
     assert steps["prune"]["change"]["macs_ratio"] < 0.8
     assert steps["lowrank"]["factorized"] and steps["lowrank"]["change"]["macs_ratio"] < 1.0
-    assert onnx_acc[("student", 1)] >= distill["accuracy"] - 0.01
+    fp32 = {(b["artifact"], b["batch_size"]): b["accuracy"] for b in report["benchmarks"]}
+    assert fp32[("artifacts/student.fp32.onnx", 1)] >= distill["accuracy"] - 0.01
+    # INT8 after QAT + KD: within 0.5 points of the FP32 student, integer kernels throughout.
+    int8 = next(a for a in report["artifacts"] if a.get("method") == "qat+kd")
+    assert int8["int8_coverage"] >= 0.95
+    assert fp32[(int8["path"], 1)] >= fp32[("artifacts/student.fp32.onnx", 1)] - 0.005
     assert report["seconds"] < 180

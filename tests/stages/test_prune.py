@@ -103,3 +103,27 @@ def test_ignored_layers_keep_their_channels(tmp_path):
 def test_two_amounts_are_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="give one of 'ratio', 'target_macs'"):
         run(pipeline("residual", {"ratio": 0.5, "target_macs": 0.5}), tmp_path / "run")
+
+
+def test_every_importance_global_ranking_steps_and_round_to(tmp_path):
+    out = tmp_path / "run"
+    criteria = ["l1", "taylor", "lamp", "bn_scale", "fpgm"]
+    cfg = pipeline("residual", {"ratio": 0.5, "recover": 0})
+    cfg["stages"] = [cfg["stages"][0], *[
+        {"type": "prune", "start_from": "teacher", "ratio": 0.5, "importance": c,
+         "recover": 0, "latency_runs": 10} for c in criteria],
+        {"type": "prune", "start_from": "teacher", "ratio": 0.5, "global": True,
+         "recover": 0, "latency_runs": 10},
+        {"type": "prune", "start_from": "teacher", "ratio": 0.5, "steps": 2, "recover": 1,
+         "latency_runs": 10},
+        {"type": "prune", "start_from": "teacher", "ratio": 0.3, "round_to": 8, "recover": 0,
+         "latency_runs": 10}]
+    report = run(cfg, out)
+    stages = report["stages"][1:]
+    for s in stages:
+        assert s["metrics"]["after"]["params"] < s["metrics"]["before"]["params"], s["name"]
+    assert [s["metrics"]["importance"] for s in stages[:5]] == criteria
+    assert stages[6]["metrics"]["steps"] == 2 and stages[6]["metrics"]["recovery_loss"] > 0
+    # round_to 8 keeps channel counts multiples of 8 (16 less 30% would be 11).
+    edits = manifest(out, stages[7]["name"])["structure"]["student"]["edits"][0]["modules"]
+    assert edits["conv1"]["attrs"]["out_channels"] % 8 == 0

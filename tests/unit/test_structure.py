@@ -44,3 +44,15 @@ def test_attribute_edits_carry_attention_head_counts() -> None:
     edit = structure.reshape_edit(before, structure.snapshot(model))
     assert edit["modules"] == {"attn": {"attrs": {"num_heads": 2}, "shapes": {}}}
     assert _rebuilt(Transformer, [edit], model.state_dict()).attn.num_heads == 2
+
+
+def test_an_fp32_graph_has_no_integer_coverage(tmp_path) -> None:
+    from compresskit.backends import quant
+    from compresskit.backends.onnx_export import export_onnx
+
+    path = tmp_path / "m.onnx"
+    export_onnx(Residual().eval(), torch.zeros(2, 1, 8, 8), path, 17)
+    cov = quant.int8_coverage(path, quant.optimized_graph(path, tmp_path / "opt.onnx"))
+    assert cov["int8_coverage"] == 0.0
+    assert cov["macs_with_constant_weights"] == 9 * 64 * (16 + 16 * 16 * 2) + 16 * 10
+    assert len(cov["float_nodes"]) == 4

@@ -1,0 +1,84 @@
+"""qat and ptq on a tiny CNN: INT8 files that store int8 weights, run as integer kernels in
+onnxruntime, agree with the fake-quantized torch model, and fail cleanly when they do not."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import onnx
+import pytest
+
+from compresskit import api
+from compresskit.errors import ConfigError, StageError
+from tests.conftest import workspace_with_models
+
+
+def pipeline(*stages: dict) -> dict:
+    return {
+        "name": "quant", "data": {"source": "digits", "batch_size": 64},
+        "input": {"shape": [1, 8, 8]},
+        "teacher": {"source": "models/digits.py:teacher", "kwargs": {"width": 8}},
+        "student": {"source": "models/digits.py:student", "kwargs": {"width": 8}},
+        "stages": [{"type": "train", "model": "teacher", "epochs": 2, "lr": 0.01},
+                   {"type": "distill", "epochs": 2, "lr": 0.01}, *stages],
+    }
+
+
+def run(cfg: dict, tmp: Path) -> dict:
+    workspace_with_models(tmp)
+    return api.run(cfg, base_dir=tmp, output_dir=tmp / "run", show_progress=False)
+
+
+def int8_tensors(path: Path) -> int:
+    return sum(i.data_type == onnx.TensorProto.INT8 and len(i.dims) >= 2
+               for i in onnx.load(str(path)).graph.initializer)
+
+
+def test_qat_and_ptq_write_integer_files_that_agree(tmp_path):
+    report = run(pipeline({"type": "qat", "epochs": 1, "calibration_samples": 128},
+                          {"type": "export"}, {"type": "ptq", "calibration_samples": 128}),
+                 tmp_path)
+    qat, ptq = report["stages"][2]["metrics"], report["stages"][4]["metrics"]
+    art = tmp_path / "run" / "artifacts"
+    for name, m in (("student.qat.int8.onnx", qat), ("student.ptq.int8.onnx", ptq)):
+        assert int8_tensors(art / name) >= 3, name  # conv weights stored as int8
+        assert m["int8_coverage"] >= 0.9
+        assert m["op_counts"].get("QLinearConv", 0) == 3
+        assert m["int8_bytes"] < m["fp32_bytes"]
+    # QAT: parity with the fake-quantized torch model; PTQ: agreement with the FP32 file.
+    assert qat["parity"]["top1_agreement"] >= 0.99
+    assert ptq["parity"]["top1_agreement"] >= 0.9
+    assert qat["folded_batchnorm"] == ["stem.1", "features.0.1", "features.2.1"]
+    assert qat["parity"]["max_diff_of_range"] <= 0.05
+    methods = {a["path"]: a.get("method") for a in report["artifacts"]}
+    assert methods["artifacts/student.qat.int8.onnx"] == "qat+kd"
+    assert methods["artifacts/student.ptq.int8.onnx"] == "ptq"
+
+
+def test_qat_below_min_int8_coverage_fails_and_writes_nothing(tmp_path):
+    cfg = pipeline({"type": "qat", "epochs": 0, "calibration_samples": 64,
+                    "ignore": ["features.2.*"], "min_int8_coverage": 0.95})
+    with pytest.raises(StageError, match=r"integer kernels.*still float: .*Conv"):
+        run(cfg, tmp_path)
+    assert not (tmp_path / "run" / "artifacts" / "student.qat.int8.onnx").exists()
+    assert not (tmp_path / "run" / "02-qat").exists()
+
+
+def test_failed_parity_keeps_the_fp32_artifacts(tmp_path):
+    out = tmp_path / "run"
+    run(pipeline({"type": "export"}), tmp_path)
+    fp32 = out / "artifacts" / "student.fp32.onnx"
+    digest = hashlib.sha256(fp32.read_bytes()).hexdigest()
+    cfg = pipeline({"type": "export"}, {"type": "qat", "epochs": 0, "calibration_samples": 64,
+                                        "logit_tol": 1e-9})
+    with pytest.raises(StageError, match="disagrees with the fake-quantized torch model"):
+        run(cfg, tmp_path)
+    assert hashlib.sha256(fp32.read_bytes()).hexdigest() == digest
+    assert not (out / "artifacts" / "student.qat.int8.onnx").exists()
+
+
+def test_nothing_may_change_the_model_after_quantization(tmp_path):
+    cfg = pipeline({"type": "qat"}, {"type": "prune", "ratio": 0.5})
+    with pytest.raises(ConfigError, match="cannot come after a quantization stage"):
+        run(cfg, tmp_path)
