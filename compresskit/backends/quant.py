@@ -93,9 +93,13 @@ def module_patterns_to_regex(patterns: Iterable[str]) -> list[str]:
 
 
 def nncf_quantize(model: nn.Module, batches: list[torch.Tensor], *, preset: str,
-                  ignore: list[str], overflow_fix: bool) -> nn.Module:
+                  ignore: list[str], overflow_fix: bool, per_channel: bool) -> nn.Module:
     import nncf
-    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
+    from nncf.quantization.advanced_parameters import (
+        AdvancedQuantizationParameters,
+        OverflowFix,
+        QuantizationParameters,
+    )
 
     scope = nncf.IgnoredScope(patterns=module_patterns_to_regex(ignore), validate=False) \
         if ignore else None
@@ -106,7 +110,8 @@ def nncf_quantize(model: nn.Module, batches: list[torch.Tensor], *, preset: str,
             else nncf.QuantizationPreset.PERFORMANCE,
             ignored_scope=scope, target_device=nncf.TargetDevice.CPU,
             advanced_parameters=AdvancedQuantizationParameters(
-                overflow_fix=OverflowFix.ENABLE if overflow_fix else OverflowFix.DISABLE))
+                overflow_fix=OverflowFix.ENABLE if overflow_fix else OverflowFix.DISABLE,
+                weights_quantization_params=QuantizationParameters(per_channel=per_channel)))
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise QuantError(f"NNCF could not quantize the model ({type(e).__name__}: {first}). If "

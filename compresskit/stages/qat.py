@@ -48,7 +48,7 @@ def run(cfg: QatConfig, ctx: StageContext) -> StageResult:
     try:
         model = quant.nncf_quantize(student, calibration(ctx, cfg.calibration_samples),
                                     preset=cfg.preset, ignore=cfg.ignore,
-                                    overflow_fix=cfg.reduce_range)
+                                    overflow_fix=cfg.reduce_range, per_channel=cfg.per_channel)
     except quant.QuantError as e:
         raise StageError(ctx.name, str(e)) from None
     loss = None

@@ -7,6 +7,7 @@ import hashlib
 from pathlib import Path
 
 import onnx
+import onnx.numpy_helper
 import pytest
 
 from compresskit import api
@@ -54,6 +55,20 @@ def test_qat_and_ptq_write_integer_files_that_agree(tmp_path):
     methods = {a["path"]: a.get("method") for a in report["artifacts"]}
     assert methods["artifacts/student.qat.int8.onnx"] == "qat+kd"
     assert methods["artifacts/student.ptq.int8.onnx"] == "ptq"
+
+
+def test_per_tensor_weights_have_one_scale_per_layer(tmp_path):
+    run(pipeline({"type": "qat", "epochs": 0, "distill": False, "per_channel": False,
+                  "calibration_samples": 64}), tmp_path)
+    model = onnx.load(str(tmp_path / "run" / "artifacts" / "student.qat-ce.int8.onnx"))
+    sizes = {i.name: len(onnx.numpy_helper.to_array(i).reshape(-1))
+             for i in model.graph.initializer}
+    weight_scales = [sizes[n.input[1]] for n in model.graph.node
+                     if n.op_type == "DequantizeLinear" and n.input[0] in sizes
+                     and len(onnx.numpy_helper.to_array(
+                         next(i for i in model.graph.initializer if i.name == n.input[0])).shape)
+                     >= 2]
+    assert weight_scales and set(weight_scales) == {1}
 
 
 def test_qat_below_min_int8_coverage_fails_and_writes_nothing(tmp_path):
