@@ -387,9 +387,12 @@ class QatConfig(Int8Options):
         ),
     )
     min_agreement: float = Field(
-        0.99, ge=0, le=1,
-        description="Smallest top-1 agreement of onnxruntime with the fake-quantized torch "
-                    "model on the evaluation split.",
+        0.97, ge=0, le=1,
+        description=(
+            "Smallest top-1 agreement of onnxruntime with the fake-quantized torch model on the "
+            "evaluation split. The two round activations slightly differently, so near-ties can "
+            "flip; logit_tol is the tight check, this one a floor."
+        ),
     )
     opset: int = Field(17, ge=13, le=21, description="ONNX opset version.")
 
