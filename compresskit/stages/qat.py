@@ -15,7 +15,6 @@ import fnmatch
 
 import numpy as np
 import torch
-from torch import nn
 
 from compresskit import measure
 from compresskit.backends import quant
@@ -24,9 +23,8 @@ from compresskit.config import QatConfig
 from compresskit.context import StageContext, StageResult
 from compresskit.errors import StageError
 from compresskit.modelio import example_input
-from compresskit.ops.kd import hinton_loss
 from compresskit.stages.int8 import calibration, publish
-from compresskit.training import Diverged, cross_entropy_step, fit
+from compresskit.stages.shrink import fine_tune
 
 
 def run(cfg: QatConfig, ctx: StageContext) -> StageResult:
@@ -51,27 +49,9 @@ def run(cfg: QatConfig, ctx: StageContext) -> StageResult:
                                     overflow_fix=cfg.reduce_range, per_channel=cfg.per_channel)
     except quant.QuantError as e:
         raise StageError(ctx.name, str(e)) from None
-    loss = None
-    if cfg.epochs:
-        teacher = ctx.model("teacher").to(ctx.device).eval() if cfg.distill else None
-
-        def kd_step(m: nn.Module, xb: torch.Tensor,
-                    yb: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-            with torch.no_grad():
-                t_logits = teacher(xb)  # type: ignore[misc]
-            return hinton_loss(m(xb), t_logits, yb, cfg.temperature, cfg.alpha)
-
-        data = ctx.data()
-        try:
-            history = fit(model, data.train, cfg.training(),
-                          step=kd_step if teacher is not None else cross_entropy_step,
-                          batch_size=ctx.config.data.batch_size, device=ctx.device,
-                          seed=ctx.seed, progress=ctx.progress, desc=f"{ctx.name} {cfg.model}",
-                          val=data.val, eval_batch_size=ctx.config.data.eval_batch_size,
-                          resume=work / "student.resume.pt")
-        except Diverged as e:
-            raise StageError(ctx.name, f"{e}; QAT wants a small lr (1e-4)") from None
-        loss = float(history["loss"][-1])
+    loss = fine_tune(ctx, model, cfg.training(), ctx.model("teacher") if cfg.distill else None,
+                     cfg.temperature, cfg.alpha, cfg.model, cfg.model,
+                     hint="; QAT wants a small lr (1e-4)") if cfg.epochs else None
     model.cpu().eval()
     example = example_input(ctx.config.input, batch=2)
     stripped = quant.strip(model, example)

@@ -14,7 +14,7 @@ from torch import nn
 from compresskit import distributed as dist
 from compresskit import measure
 from compresskit.backends.onnx_export import ExportError
-from compresskit.config import CompressOptions
+from compresskit.config import CompressOptions, TrainingOptions
 from compresskit.context import StageContext, StageResult
 from compresskit.errors import StageError
 from compresskit.modelio import example_input
@@ -88,27 +88,9 @@ class Shrink:
         """Distil the changed model from the teacher (CE without one); the final loss."""
         if epochs <= 0:
             return None
-        ctx, cfg = self.ctx, self.cfg
-        teacher = self.teacher.to(ctx.device).eval() if self.teacher is not None else None
-
-        def kd_step(model: nn.Module, x: torch.Tensor,
-                    y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-            with torch.no_grad():
-                t_logits = teacher(x)  # type: ignore[misc]
-            return hinton_loss(model(x), t_logits, y, cfg.temperature, cfg.alpha)
-
-        data = ctx.data()
-        try:
-            history = fit(self.model, data.train, cfg.recovery(epochs),
-                          step=kd_step if teacher is not None else cross_entropy_step,
-                          batch_size=ctx.config.data.batch_size, device=ctx.device,
-                          seed=ctx.seed, progress=ctx.progress, desc=f"{ctx.name} recover{tag}",
-                          val=data.val, eval_batch_size=ctx.config.data.eval_batch_size,
-                          resume=ctx.work_dir / f"student{tag}.resume.pt")
-        except Diverged as e:
-            raise StageError(ctx.name, f"recovery{tag}: {e}") from None
-        self.model.cpu().eval()
-        return float(history["loss"][-1])
+        cfg = self.cfg
+        return fine_tune(self.ctx, self.model, cfg.recovery(epochs), self.teacher,
+                         cfg.temperature, cfg.alpha, f"recover{tag}", f"student{tag}")
 
     def finish(self, edit: dict[str, Any], metrics: dict[str, Any]) -> StageResult:
         """Measure the result against the model as it came in; record the edit."""
@@ -137,6 +119,34 @@ class Shrink:
                      "after": after, "change": change, "eval_split": self.ctx.data().eval_name},
             updated={"student": self.model}, structure={"student": structure},
             params=after["params"])
+
+
+def fine_tune(ctx: StageContext, model: nn.Module, opts: TrainingOptions,
+              teacher: nn.Module | None, temperature: float, alpha: float, what: str,
+              resume: str, hint: str = "") -> float:
+    """Train `model` in place by distillation from `teacher` (cross-entropy without one) on the
+    pipeline's data, resumably; returns the final loss, or fails the stage if it diverges."""
+    if teacher is not None:
+        teacher = teacher.to(ctx.device).eval()
+
+    def kd_step(m: nn.Module, x: torch.Tensor,
+                y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        with torch.no_grad():
+            t_logits = teacher(x)  # type: ignore[misc]
+        return hinton_loss(m(x), t_logits, y, temperature, alpha)
+
+    data = ctx.data()
+    try:
+        history = fit(model, data.train, opts,
+                      step=kd_step if teacher is not None else cross_entropy_step,
+                      batch_size=ctx.config.data.batch_size, device=ctx.device, seed=ctx.seed,
+                      progress=ctx.progress, desc=f"{ctx.name} {what}", val=data.val,
+                      eval_batch_size=ctx.config.data.eval_batch_size,
+                      resume=ctx.work_dir / f"{resume}.resume.pt")
+    except Diverged as e:
+        raise StageError(ctx.name, f"{what}: {e}{hint}") from None
+    model.cpu().eval()
+    return float(history["loss"][-1])
 
 
 def first_and_last(order: list[str]) -> list[str]:
