@@ -46,19 +46,11 @@ def tail_norm(s: torch.Tensor, rank: int) -> float:
     return float(s[rank:].double().norm())
 
 
-def linear_macs(out_features: int, in_features: int, rank: int | None = None) -> int:
-    """MACs per input row of the layer, or of its rank-r factorisation."""
-    return out_features * in_features if rank is None else rank * (in_features + out_features)
-
-
-def conv_macs(out_ch: int, in_ch: int, kernel: int, rank: int | None = None) -> int:
-    """MACs per output pixel of a k x k convolution (kernel = kh * kw), or of k x k (r) + 1 x 1."""
-    return out_ch * in_ch * kernel if rank is None else rank * (in_ch * kernel + out_ch)
-
-
 def max_useful_rank(out_ch: int, fan_in: int, min_reduction: float) -> int:
-    """The largest rank whose factorisation still cuts the layer's MACs by `min_reduction`;
-    fan_in is in_features, or in_channels * kh * kw for a convolution."""
+    """The largest rank whose factorisation still cuts the layer's MACs by `min_reduction`.
+
+    fan_in is in_features, or in_channels * kh * kw for a convolution: per output row or pixel
+    the layer costs out * fan_in MACs, its rank-r factorisation r * (fan_in + out)."""
     return math.floor((1.0 - min_reduction) * out_ch * fan_in / (fan_in + out_ch))
 
 

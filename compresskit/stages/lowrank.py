@@ -18,28 +18,30 @@ from compresskit.ops import lowrank as lr
 from compresskit.stages.shrink import Shrink
 
 
-def choose_rank(layer: nn.Module, cfg: LowRankConfig) -> tuple[int | None, str]:
-    """The rank to factorise `layer` to, or None and the reason it stays whole."""
+def choose_rank(layer: nn.Module, cfg: LowRankConfig) -> tuple[int | None, str, float]:
+    """The rank to factorise `layer` to, or None and the reason it stays whole; and the
+    relative Frobenius error of the weight at that rank."""
     if isinstance(layer, nn.Linear):
         out, fan_in = layer.out_features, layer.in_features
     elif isinstance(layer, nn.Conv2d):
         if layer.groups != 1:
-            return None, "grouped or depthwise"
+            return None, "grouped or depthwise", 0.0
         out = layer.out_channels
         fan_in = layer.in_channels * math.prod(layer.kernel_size)
     else:
-        return None, "not a Linear or Conv2d"
+        return None, "not a Linear or Conv2d", 0.0
+    s = lr.singular_values(layer.weight)
     if cfg.rank_ratio is not None:
         rank = lr.rank_for_ratio(out, fan_in, cfg.rank_ratio)
     else:
-        energy = 0.9 if cfg.energy is None else cfg.energy
-        rank = lr.rank_for_energy(lr.singular_values(layer.weight), energy)
+        rank = lr.rank_for_energy(s, 0.9 if cfg.energy is None else cfg.energy)
     if cfg.round_to:
         rank = cfg.round_to * math.ceil(rank / cfg.round_to)
+    error = lr.tail_norm(s, rank) / max(float(s.norm()), 1e-30)
     limit = lr.max_useful_rank(out, fan_in, cfg.min_reduction)
     if rank > limit:
-        return None, f"rank {rank} would cut its MACs by less than {cfg.min_reduction:.0%}"
-    return rank, ""
+        return None, f"rank {rank} would cut its MACs by less than {cfg.min_reduction:.0%}", error
+    return rank, "", error
 
 
 def run(cfg: LowRankConfig, ctx: StageContext) -> StageResult:
@@ -54,7 +56,7 @@ def run(cfg: LowRankConfig, ctx: StageContext) -> StageResult:
         kind = "linear" if isinstance(layer, nn.Linear) else "conv"
         if kind not in cfg.layers:
             continue
-        rank, why = choose_rank(layer, cfg)
+        rank, why, error = choose_rank(layer, cfg)
         if rank is None:
             skipped[name] = why
             continue
@@ -62,14 +64,16 @@ def run(cfg: LowRankConfig, ctx: StageContext) -> StageResult:
                else lr.factorize_conv(layer, rank))
         structure.set_module(model, name, new)
         layers[name] = {"kind": kind, "rank": rank,
-                        "full_rank": min(layer.weight.shape[0], layer.weight[0].numel())}
+                        "full_rank": min(layer.weight.shape[0], layer.weight[0].numel()),
+                        "weight_error": round(error, 4)}
     if layers:
         job.check_forward()
     else:
         ctx.log("[yellow]warning:[/yellow] no layer was factorised (each would have saved less "
                 f"than min_reduction {cfg.min_reduction}); the model is unchanged")
     for name, spec in layers.items():
-        ctx.log(f"{name}: {spec['kind']} rank {spec['rank']} of {spec['full_rank']}")
+        ctx.log(f"{name}: {spec['kind']} rank {spec['rank']} of {spec['full_rank']} "
+                f"(relative weight error {spec['weight_error']:.3f})")
     for name, why in skipped.items():
         ctx.log(f"{name}: kept whole ({why})")
     loss = job.recover(cfg.recover, "") if layers else None

@@ -63,9 +63,3 @@ def test_grouped_convolutions_are_refused() -> None:
     with pytest.raises(ValueError, match="grouped"):
         lr.factorize_conv(nn.Conv2d(4, 4, 3, groups=4), 2)
 
-
-def test_macs_of_a_factorisation() -> None:
-    assert lr.linear_macs(10, 20) == 200
-    assert lr.linear_macs(10, 20, rank=3) == 90
-    assert lr.conv_macs(8, 4, 9) == 288
-    assert lr.conv_macs(8, 4, 9, rank=2) == 2 * (36 + 8)
