@@ -96,12 +96,9 @@ class StageBase(Strict):
         return ()
 
 
-class TrainingOptions(StageBase):
-    """Optimiser and schedule options shared by the stages that train."""
+class OptimOptions(StageBase):
+    """Optimiser and schedule options shared by the stages that train or fine-tune."""
 
-    changes_model: ClassVar[bool] = True
-
-    epochs: int = Field(10, ge=1, description="Passes over the training split.")
     lr: float = Field(3e-3, gt=0, le=10, description="Peak learning rate.")
     optimizer: Literal["adamw", "adam", "sgd"] = Field(
         "adamw", description="Optimiser; sgd uses Nesterov momentum 0.9."
@@ -117,6 +114,20 @@ class TrainingOptions(StageBase):
             "interrupted run resumes inside the stage."
         ),
     )
+
+    def options(self, epochs: int) -> TrainingOptions:
+        """These options for one run of the training loop of `epochs` epochs."""
+        fields = OptimOptions.model_fields
+        return TrainingOptions(epochs=max(1, epochs),
+                               **{k: getattr(self, k) for k in fields})
+
+
+class TrainingOptions(OptimOptions):
+    """What the training loop runs with: the optimiser options and a number of epochs."""
+
+    changes_model: ClassVar[bool] = True
+
+    epochs: int = Field(10, ge=1, description="Passes over the training split.")
 
 
 class TrainConfig(TrainingOptions):
@@ -157,7 +168,7 @@ class DistillConfig(TrainingOptions):
 StartFrom = Literal["student", "teacher"]
 
 
-class CompressOptions(StageBase):
+class CompressOptions(OptimOptions):
     """Options shared by the stages that shrink a model's structure (prune, lowrank): which
     model, which layers stay whole, recovery by distillation, and how the change is measured."""
 
@@ -186,13 +197,6 @@ class CompressOptions(StageBase):
         ),
     )
     lr: float = Field(1e-3, gt=0, le=10, description="Peak learning rate of recovery.")
-    optimizer: Literal["adamw", "adam", "sgd"] = Field(
-        "adamw", description="Recovery optimiser; sgd uses Nesterov momentum 0.9."
-    )
-    weight_decay: float = Field(1e-4, ge=0, description="Decoupled weight decay of recovery.")
-    schedule: Literal["cosine", "constant"] = Field(
-        "cosine", description="Learning-rate schedule over each recovery."
-    )
     temperature: float = Field(4.0, gt=0, le=100, description="KD softmax temperature T.")
     alpha: float = Field(
         0.9, ge=0, le=1, description="Weight of the KD term in recovery; 1 - alpha weighs CE."
@@ -204,9 +208,6 @@ class CompressOptions(StageBase):
             "after the change."
         ),
     )
-    checkpoint_every: int = Field(
-        1, ge=0, description="Save a resumable recovery checkpoint every N epochs (0: at the end)."
-    )
 
     @property
     def models_needed(self) -> tuple[str, ...]:
@@ -217,11 +218,6 @@ class CompressOptions(StageBase):
     @property
     def produces(self) -> tuple[str, ...]:
         return ("student",)
-
-    def recovery(self, epochs: int) -> TrainingOptions:
-        return TrainingOptions(epochs=max(1, epochs), lr=self.lr, optimizer=self.optimizer,
-                               weight_decay=self.weight_decay, schedule=self.schedule,
-                               checkpoint_every=self.checkpoint_every)
 
 
 class PruneConfig(CompressOptions):
@@ -345,7 +341,7 @@ class Int8Options(StageBase):
     per_channel: bool = Field(True, description="One weight scale per output channel.")
 
 
-class QatConfig(Int8Options):
+class QatConfig(Int8Options, OptimOptions):
     """Quantization-aware training with NNCF: BatchNorm folded into its convolution, fake
     quantizers inserted (calibrated on training data), fine-tuned with the distillation loss
     from the teacher, stripped, and written as INT8 ONNX (QDQ, int8 weights) that is checked
@@ -364,8 +360,6 @@ class QatConfig(Int8Options):
     lr: float = Field(1e-4, gt=0, le=1, description="Fine-tuning learning rate (keep it small).")
     optimizer: Literal["adamw", "adam", "sgd"] = Field("adam", description="Optimiser.")
     weight_decay: float = Field(0.0, ge=0, description="Weight decay.")
-    schedule: Literal["cosine", "constant"] = Field("cosine", description="LR schedule.")
-    checkpoint_every: int = Field(1, ge=0, description="Resumable checkpoint every N epochs.")
     distill: bool = Field(
         True, description="Fine-tune with KD from the teacher; false: cross-entropy alone."
     )
@@ -403,10 +397,6 @@ class QatConfig(Int8Options):
     def artifact(self) -> str:
         return f"artifacts/{self.model}.qat{'' if self.distill else '-ce'}.int8.onnx"
 
-    def training(self) -> TrainingOptions:
-        return TrainingOptions(epochs=max(1, self.epochs), lr=self.lr, optimizer=self.optimizer,
-                               weight_decay=self.weight_decay, schedule=self.schedule,
-                               checkpoint_every=self.checkpoint_every)
 
 
 class PtqConfig(Int8Options):

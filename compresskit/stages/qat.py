@@ -49,9 +49,10 @@ def run(cfg: QatConfig, ctx: StageContext) -> StageResult:
                                     overflow_fix=cfg.reduce_range, per_channel=cfg.per_channel)
     except quant.QuantError as e:
         raise StageError(ctx.name, str(e)) from None
-    loss = fine_tune(ctx, model, cfg.training(), ctx.model("teacher") if cfg.distill else None,
-                     cfg.temperature, cfg.alpha, cfg.model, cfg.model,
-                     hint="; QAT wants a small lr (1e-4)") if cfg.epochs else None
+    teacher = ctx.model("teacher") if cfg.distill else None
+    loss = fine_tune(ctx, model, cfg.options(cfg.epochs), teacher, cfg.temperature, cfg.alpha,
+                     cfg.model, cfg.model, hint="; QAT wants a small lr (1e-4)"
+                     ) if cfg.epochs else None
     model.cpu().eval()
     example = example_input(ctx.config.input, batch=2)
     stripped = quant.strip(model, example)

@@ -89,7 +89,7 @@ class Shrink:
         if epochs <= 0:
             return None
         cfg = self.cfg
-        return fine_tune(self.ctx, self.model, cfg.recovery(epochs), self.teacher,
+        return fine_tune(self.ctx, self.model, cfg.options(epochs), self.teacher,
                          cfg.temperature, cfg.alpha, f"recover{tag}", f"student{tag}")
 
     def finish(self, edit: dict[str, Any], metrics: dict[str, Any]) -> StageResult:
