@@ -23,8 +23,9 @@ class NodeMacs:
     name: str
     op: str
     macs: int
-    weight: str | None
-    """The constant (initializer) weight input, or None when both operands are activations."""
+    operand: str
+    """The second input: the weight of a Conv or Gemm, or of a MatMul by a constant (directly
+    an initializer, or behind QuantizeLinear/DequantizeLinear in a quantized graph)."""
 
 
 def _fix_batch(model: onnx.ModelProto) -> None:
@@ -51,8 +52,6 @@ def node_macs(path: Path | str) -> list[NodeMacs]:
     model = onnx.load(str(path))
     _fix_batch(model)
     shapes = _shapes(model)
-    consts = {i.name for i in model.graph.initializer}
-    consts |= {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
     rows = []
     for node in model.graph.node:
         if node.op_type not in COUNTED or not node.output:
@@ -73,8 +72,7 @@ def node_macs(path: Path | str) -> list[NodeMacs]:
             macs = math.prod(out) * k
         else:
             macs = math.prod(out) * a[-1]
-        weight = node.input[1] if node.input[1] in consts else None
-        rows.append(NodeMacs(node.name, node.op_type, int(macs), weight))
+        rows.append(NodeMacs(node.name, node.op_type, int(macs), node.input[1]))
     return rows
 
 

@@ -244,10 +244,7 @@ def int8_coverage(source: Path, optimized: onnx.ModelProto) -> dict[str, Any]:
                     shapes[n.output[0]] = tuple(a.t.dims)
     groups: dict[tuple[int, ...], list[Any]] = defaultdict(list)
     for row in node_macs(source):
-        node = next(n for n in src.graph.node if n.name == row.name) if row.name else None
-        if node is None:
-            continue
-        root = _weight_root(node.input[1], producers)
+        root = _weight_root(row.operand, producers)
         if root in shapes:
             groups[tuple(sorted(shapes[root]))].append(row)
     opt_shapes = {i.name: tuple(i.dims) for i in optimized.graph.initializer}
