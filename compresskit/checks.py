@@ -19,42 +19,46 @@ ROLES = ("teacher", "student")
 
 
 def model_seed(seed: int, role: str) -> int:
-    """Each model gets its own seed, so building one never shifts the other's initialisation."""
-    return seed * 1000 + ROLES.index(role)
+    """Each model gets its own seed, so building one never shifts another's initialisation."""
+    import zlib
+
+    index = ROLES.index(role) if role in ROLES else 2 + zlib.crc32(role.encode()) % 997
+    return seed * 1000 + index
 
 
 def missing_files(loaded: LoadedPipeline) -> list[Problem]:
     """Source files and checkpoints that do not exist: found without importing torch."""
     problems = []
     cfg = loaded.config
-    sections = [("data", cfg.data.source, None)] + [
-        (role, m.source, m.checkpoint) for role in ROLES if (m := getattr(cfg, role)) is not None]
+    sections: list[tuple[tuple[str, ...], str, str | None]] = [
+        (("data",), cfg.data.source, None)] + [
+        (path, m.source, m.checkpoint) for path, m in cfg.model_sections().values()]
     for section, source, checkpoint in sections:
-        if section == "data" and ":" not in source:
+        if section == ("data",) and ":" not in source:
             continue  # a built-in data source, checked by name in deep_check
         try:
             spec = parse_spec(source)
             if spec.is_file:
                 locate(spec.module, loaded.base_dir, "file")
         except SourceError as e:
-            problems.append(loaded.problem((section, "source"), str(e)))
+            problems.append(loaded.problem((*section, "source"), str(e)))
         if checkpoint:
             try:
-                locate(checkpoint, loaded.base_dir, f"{section} checkpoint")
+                locate(checkpoint, loaded.base_dir, f"{section[-1]} checkpoint")
             except SourceError as e:
-                problems.append(loaded.problem((section, "checkpoint"), str(e)))
+                problems.append(loaded.problem((*section, "checkpoint"), str(e)))
     return problems
 
 
 def deep_check(loaded: LoadedPipeline) -> dict[str, nn.Module]:
     """Build every configured model and run one dry forward pass; return the built models."""
     problems = missing_files(loaded)
-    flagged = {p.key.split(".")[0] for p in problems if p.key}
+    flagged = {p.key.rsplit(".", 1)[0] for p in problems if p.key}
     from compresskit import modelio
 
     cfg = loaded.config
     models: dict[str, nn.Module] = {}
-    if "data" not in flagged:
+    if "data" not in flagged:  # keys are "data.source", "teacher.source", "models.x.source"
         from compresskit.data import DATASETS
 
         try:
@@ -66,19 +70,18 @@ def deep_check(loaded: LoadedPipeline) -> dict[str, nn.Module]:
             problems.append(loaded.problem(("data", "source"), str(e)))
         except KeyError as e:
             problems.append(loaded.problem(("data", "source"), str(e.args[0])))
-    for role in ROLES:
-        mcfg = getattr(cfg, role)
-        if mcfg is None or role in flagged:
+    for role, (path, mcfg) in cfg.model_sections().items():
+        if ".".join(path) in flagged:
             continue
         try:
             model = modelio.instantiate(mcfg, role, loaded.base_dir, model_seed(cfg.seed, role))
         except modelio.ModelError as e:
-            problems.append(loaded.problem((role, "source"), str(e)))
+            problems.append(loaded.problem((*path, "source"), str(e)))
             continue
         try:
             modelio.load_checkpoint(model, mcfg, role, loaded.base_dir)
         except modelio.ModelError as e:
-            problems.append(loaded.problem((role, "checkpoint"), str(e)))
+            problems.append(loaded.problem((*path, "checkpoint"), str(e)))
             continue
         try:
             modelio.dry_forward(model, cfg.input, role)

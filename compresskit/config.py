@@ -6,11 +6,15 @@ Stage configs also carry the ordering rules the loader checks before any heavy w
 
 from __future__ import annotations
 
+import difflib
 from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
-ModelRole = Literal["teacher", "student"]
+NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+ModelRole = Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]
+"""A model by name: 'teacher', 'student', or one defined under the pipeline's `models:`."""
 
 
 class Strict(BaseModel):
@@ -141,19 +145,133 @@ class TrainConfig(TrainingOptions):
         return (self.model,)
 
 
-class DistillConfig(TrainingOptions):
-    """Hinton knowledge distillation of the student from the teacher.
+class TeacherCacheOptions(StageBase):
+    """Where the teacher's outputs on the training split come from."""
 
-    loss = alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)) + (1 - alpha) * CE(student)
+    cache_teacher: bool | Literal["auto"] = Field(
+        "auto",
+        description=(
+            "Compute the teacher's outputs (logits and requested features) once per training "
+            "split into memory-mapped files under <run>/cache, keyed by the teacher's weights, "
+            "the data and the output, and reuse them in every epoch, stage and rerun. 'auto': "
+            "on unless the training split is randomly augmented (the same index gives "
+            "different inputs), when cached outputs would not match what the student sees."
+        ),
+    )
+    cache_precision: Literal["float32", "float16"] = Field(
+        "float32", description="Precision the cached teacher outputs are stored at."
+    )
+
+
+class TeacherEntry(Strict):
+    """One teacher of a distill stage."""
+
+    model: ModelRole = Field("teacher", description="The teacher model, by name.")
+    weight: float = Field(1.0, gt=0, description="Its share of the combined soft targets.")
+    temperature: float | None = Field(
+        None, gt=0, le=100,
+        description="This teacher's softmax temperature; null uses the stage's.",
+    )
+
+
+class KLTerm(Strict):
+    """Hinton et al. 2015: T^2 * KL(softmax(teacher/T) || softmax(student/T))."""
+
+    type: Literal["kl"]
+    weight: float = Field(1.0, ge=0, description="Weight of this term.")
+
+
+class FeatureTerm(Strict):
+    """FitNets (Romero et al. 2015): match the output of a student module to a teacher module's.
+    When channel counts differ, a learned 1x1 convolution (Linear for 2-D/3-D outputs) maps
+    the student's to the teacher's; it trains with the student and is not exported."""
+
+    type: Literal["features"]
+    student: str = Field(..., description="Student module name (model.named_modules()).")
+    teacher: str = Field(..., description="Teacher module name.")
+    loss: Literal["mse", "cosine", "l1"] = Field("mse", description="Distance between the two.")
+    weight: float = Field(1.0, ge=0, description="Weight of this term.")
+
+
+class AttentionTerm(Strict):
+    """Attention transfer (Zagoruyko and Komodakis 2017): match the L2-normalised spatial maps
+    mean_c(F^2) of a student and a teacher module; spatial sizes are pooled to the smaller."""
+
+    type: Literal["attention"]
+    student: str = Field(..., description="Student module name (a 4-D feature map).")
+    teacher: str = Field(..., description="Teacher module name.")
+    weight: float = Field(
+        500.0, ge=0, description="Weight of this term (the paper's beta / 2, beta = 1000)."
+    )
+
+
+class CosineTerm(Strict):
+    """Cosine-embedding loss (DistilBERT's third loss): 1 - cos(student, teacher) of the model
+    outputs, or of the pooled outputs of named modules (4-D maps averaged over space, 3-D
+    sequences over tokens). A learned Linear bridges different widths and is not exported."""
+
+    type: Literal["cosine"]
+    student: str | None = Field(None, description="Student module name; null: the output.")
+    teacher: str | None = Field(None, description="Teacher module name; null: the output.")
+    weight: float = Field(1.0, ge=0, description="Weight of this term.")
+
+
+LossTerm = Annotated[
+    Union[KLTerm, FeatureTerm, AttentionTerm, CosineTerm],  # noqa: UP007
+    Field(discriminator="type"),
+]
+
+
+class DistillConfig(TrainingOptions, TeacherCacheOptions):
+    """Knowledge distillation of the student.
+
+    loss = alpha * sum(weight_i * term_i) + (1 - alpha) * CE(student, labels); without labels
+    (a training split of bare inputs) only the distillation terms count. With the default single
+    `kl` term this is Hinton et al. 2015. Modes: `kd` (from the pipeline's teachers), `born_again`
+    (a trained copy of the student teaches a re-initialised student, for `generations`), `ema`
+    (a mean teacher: the exponential moving average of the student's own weights), `mutual`
+    (deep mutual learning: the `peers` train together, each distilling from the others).
     """
 
     type: Literal["distill"]
-    uses_models: ClassVar[tuple[str, ...]] = ("teacher", "student")
 
+    mode: Literal["kd", "born_again", "ema", "mutual"] = Field(
+        "kd", description="Where the soft targets come from (see above)."
+    )
     epochs: int = Field(20, ge=1, description="Passes over the training split.")
-    temperature: float = Field(4.0, gt=0, le=100, description="Softmax temperature T.")
+    teachers: list[TeacherEntry] = Field(
+        default_factory=lambda: [TeacherEntry()], min_length=1,
+        description=(
+            "mode kd: the teachers. Their softened distributions are averaged by weight (per "
+            "sample by weight x confidence with confidence_weighting); feature, attention and "
+            "cosine terms use the first."
+        ),
+    )
+    confidence_weighting: bool = Field(
+        False,
+        description="Weight each teacher per sample by its top-1 probability at T = 1 as well.",
+    )
+    losses: list[LossTerm] = Field(
+        default_factory=lambda: list[LossTerm]([KLTerm(type="kl")]), min_length=1,
+        description="Distillation terms, summed by weight.",
+    )
+    temperature: Annotated[float, Field(gt=0, le=100)] | Literal["auto"] = Field(
+        4.0,
+        description=(
+            "Softmax temperature T (> 0). 'auto': train briefly with each of auto_temperatures "
+            "from the same start and keep the one with the best validation accuracy."
+        ),
+    )
+    auto_temperatures: list[Annotated[float, Field(gt=0, le=100)]] = Field(
+        default_factory=lambda: [1.0, 2.0, 4.0, 8.0], min_length=2,
+        description="Temperatures tried by temperature: auto.",
+    )
+    auto_epochs: int | None = Field(
+        None, ge=1, description="Epochs of each trial of temperature: auto (default epochs / 5)."
+    )
     alpha: float = Field(
-        0.9, ge=0, le=1, description="Weight of the distillation term; 1 - alpha weighs CE."
+        0.9, ge=0, le=1,
+        description="Weight of the distillation terms; 1 - alpha weighs cross-entropy.",
     )
     baseline: bool = Field(
         False,
@@ -163,12 +281,77 @@ class DistillConfig(TrainingOptions):
             "contribution is measured, not assumed."
         ),
     )
+    generations: int = Field(2, ge=1, le=20, description="mode born_again: generations.")
+    ema_decay: float = Field(
+        0.99, gt=0, lt=1, description="mode ema: decay of the teacher's moving average."
+    )
+    noise: float = Field(
+        0.0, ge=0,
+        description="mode ema: std of Gaussian noise added to the student's and the teacher's "
+                    "inputs, each its own draw (the mean teacher's two views).",
+    )
+    peers: list[ModelRole] = Field(
+        default_factory=lambda: ["student"],
+        description="mode mutual: the models trained together, at least two; all are updated.",
+    )
+
+    @field_validator("temperature", mode="before")
+    @classmethod
+    def _temperature(cls, v: Any) -> Any:
+        # One clear message instead of one per member of the float | 'auto' union.
+        if v == "auto":
+            return v
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise PydanticCustomError("temperature", "input should be a number or 'auto'")
+        if v <= 0:
+            raise PydanticCustomError("temperature", "input should be greater than 0")
+        if v > 100:
+            raise PydanticCustomError("temperature", "input should be less than or equal to 100")
+        return float(v)
+
+    @property
+    def models_needed(self) -> tuple[str, ...]:
+        if self.mode == "mutual":
+            return tuple(dict.fromkeys(self.peers))
+        if self.mode == "kd":
+            return tuple(dict.fromkeys([*(t.model for t in self.teachers), "student"]))
+        # born_again and ema: the student is its own teacher
+        return ("student",)
+
+    @property
+    def uses_kl(self) -> bool:
+        return any(t.type == "kl" for t in self.losses)
+
+    def mode_problems(self) -> list[tuple[tuple[Any, ...], str]]:
+        """Keys that contradict the mode, as (path relative to the stage, message)."""
+        out: list[tuple[tuple[Any, ...], str]] = []
+        given = self.model_fields_set
+        only = {"teachers": "kd", "confidence_weighting": "kd", "generations": "born_again",
+                "ema_decay": "ema", "noise": "ema", "peers": "mutual"}
+        for key, mode in only.items():
+            if key in given and self.mode != mode:
+                out.append(((key,), f"'{key}' applies to mode: {mode}, not mode: {self.mode}"))
+        if self.mode == "mutual":
+            if len(set(self.peers)) < 2:
+                out.append((("peers",), "mode mutual needs at least two different peers, e.g. "
+                            "peers: [student, student_b]"))
+            if any(t.type != "kl" for t in self.losses):
+                out.append((("losses",), "mode mutual distils outputs only: use the 'kl' term"))
+        if self.temperature == "auto" and self.mode != "kd":
+            out.append((("temperature",), "temperature: auto is available with mode: kd"))
+        names = [t.model for t in self.teachers]
+        if len(set(names)) != len(names):
+            out.append((("teachers",), "each teacher may appear once"))
+        if "student" in names:
+            out.append((("teachers",), "the student cannot teach itself in mode kd; use mode "
+                        "born_again or ema for self-distillation"))
+        return out
 
 
 StartFrom = Literal["student", "teacher"]
 
 
-class CompressOptions(OptimOptions):
+class CompressOptions(OptimOptions, TeacherCacheOptions):
     """Options shared by the stages that shrink a model's structure (prune, lowrank): which
     model, which layers stay whole, recovery by distillation, and how the change is measured."""
 
@@ -341,7 +524,7 @@ class Int8Options(StageBase):
     per_channel: bool = Field(True, description="One weight scale per output channel.")
 
 
-class QatConfig(Int8Options, OptimOptions):
+class QatConfig(Int8Options, OptimOptions, TeacherCacheOptions):
     """Quantization-aware training with NNCF: BatchNorm folded into its convolution, fake
     quantizers inserted (calibrated on training data), fine-tuned with the distillation loss
     from the teacher, stripped, and written as INT8 ONNX (QDQ, int8 weights) that is checked
@@ -498,7 +681,39 @@ class PipelineConfig(Strict):
     input: InputConfig = Field(..., description="The model input, one sample.")
     teacher: ModelConfig | None = Field(None, description="The large, accurate model.")
     student: ModelConfig | None = Field(None, description="The small model to ship.")
+    models: dict[Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)], ModelConfig] = Field(
+        default_factory=dict,
+        description=(
+            "More models by name (letters, digits, '_'), for stages that take a model name: "
+            "extra teachers of a multi-teacher distill, peers of mutual distillation. "
+            "'teacher' and 'student' are the sections above."
+        ),
+    )
+
+    def model_sections(self) -> dict[str, tuple[tuple[str, ...], ModelConfig]]:
+        """Every configured model by name, with the key path of its section."""
+        out: dict[str, tuple[tuple[str, ...], ModelConfig]] = {}
+        for role in ("teacher", "student"):
+            section = getattr(self, role)
+            if section is not None:
+                out[role] = ((role,), section)
+        for name, section in self.models.items():
+            out.setdefault(name, (("models", name), section))
+        return out
     stages: list[StageConfig] = Field(..., min_length=1, description="Stages, run in order.")
+
+
+def _key_naming(stage: StageBase, role: str) -> tuple[Any, ...]:
+    """The stage key that names model `role`, for locating a problem with it."""
+    for key in type(stage).model_fields:
+        value = getattr(stage, key)
+        if value == role:
+            return (key,)
+        if isinstance(value, list):
+            for j, item in enumerate(value):
+                if item == role or getattr(item, "model", None) == role:
+                    return (key, j)
+    return ("type",)
 
 
 def order_problems(cfg: PipelineConfig) -> list[tuple[tuple[Any, ...], str]]:
@@ -506,7 +721,11 @@ def order_problems(cfg: PipelineConfig) -> list[tuple[tuple[Any, ...], str]]:
     problems: list[tuple[tuple[Any, ...], str]] = []
     seen: list[str] = []
     exported = quantized = False
-    available = {role for role in ("teacher", "student") if getattr(cfg, role) is not None}
+    available = set(cfg.model_sections())
+    for name in cfg.models:
+        if name in ("teacher", "student"):
+            problems.append((("models", name), f"'{name}' is a top-level section; define it "
+                             f"as '{name}:' rather than under 'models:'"))
     for i, stage in enumerate(cfg.stages):
         path = ("stages", i, "type")
         if exported and stage.changes_model:
@@ -524,10 +743,17 @@ def order_problems(cfg: PipelineConfig) -> list[tuple[tuple[Any, ...], str]]:
             problems.append((path, f"'{stage.type}' needs a {need} stage before it"))
         for role in stage.models_needed:
             if role not in available:
+                where = f"'{role}:' section" if role in ("teacher", "student") else \
+                    f"model '{role}' under 'models:'"
+                close = difflib.get_close_matches(role, sorted(available), n=1, cutoff=0.6)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
                 problems.append(
-                    (path, f"'{stage.type}' uses the {role}, but the pipeline has no "
-                     f"'{role}:' section; add one with a 'source:'")
+                    (("stages", i, *_key_naming(stage, role)),
+                     f"'{stage.type}' uses the {role}{hint}, but the pipeline has no "
+                     f"{where}; add one with a 'source:'")
                 )
+        if isinstance(stage, DistillConfig):
+            problems += [(("stages", i, *key), msg) for key, msg in stage.mode_problems()]
         if isinstance(stage, PruneConfig) and sum(
                 v is not None for v in (stage.ratio, stage.target_macs, stage.target_params)) > 1:
             problems.append((("stages", i), "give one of 'ratio', 'target_macs' and "

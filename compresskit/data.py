@@ -18,12 +18,23 @@ if TYPE_CHECKING:
 DATASETS: Registry[Callable[..., dict[str, Any]]] = Registry("data source")
 
 
+def _without_labels(out: dict[str, Dataset], train_labels: bool) -> dict[str, Dataset]:
+    """With train_labels false, the train split yields bare inputs (label-free distillation:
+    the teacher's outputs are the only target); val and test keep labels to measure accuracy."""
+    if not train_labels:
+        from torch.utils.data import TensorDataset
+
+        out["train"] = TensorDataset(out["train"].tensors[0])  # type: ignore[attr-defined]
+    return out
+
+
 @DATASETS.register("digits")
-def digits(val_fraction: float = 0.1) -> dict[str, Dataset]:
+def digits(val_fraction: float = 0.1, train_labels: bool = True) -> dict[str, Dataset]:
     """scikit-learn's 1,797 real 8x8 handwritten digits; pixels / 16 as float32 (1, 8, 8).
 
     `test` is exactly the test part of train_test_split(X, y, test_size=0.2, random_state=0,
     stratify=y), so anyone can check a reported accuracy; `val` is carved from the train part.
+    `train_labels: false` drops the training labels (val and test keep theirs).
     """
     import torch
     from sklearn.datasets import load_digits
@@ -40,11 +51,14 @@ def digits(val_fraction: float = 0.1) -> dict[str, Dataset]:
         return TensorDataset(torch.tensor(xs / 16.0, dtype=torch.float32).reshape(-1, 1, 8, 8),
                              torch.tensor(ys, dtype=torch.long))
 
-    return {"train": ds(x_fit, y_fit), "val": ds(x_val, y_val), "test": ds(x_test, y_test)}
+    return _without_labels(
+        {"train": ds(x_fit, y_fit), "val": ds(x_val, y_val), "test": ds(x_test, y_test)},
+        train_labels)
 
 
 @DATASETS.register("digits_rgb32")
-def digits_rgb32(size: int = 32, val_fraction: float = 0.1, seed: int = 0) -> dict[str, Dataset]:
+def digits_rgb32(size: int = 32, val_fraction: float = 0.1, seed: int = 0,
+                 train_labels: bool = True) -> dict[str, Dataset]:
     """The same real digits and splits as 'digits', upsampled (bilinear) to 3 x size x size and
     painted with a random light foreground and dark background colour per image plus pixel
     noise, so a model must learn shape, not colour. A stand-in for small RGB image tasks
@@ -62,7 +76,7 @@ def digits_rgb32(size: int = 32, val_fraction: float = 0.1, seed: int = 0) -> di
         bg = 0.45 * torch.rand(n, 3, 1, 1, generator=gen)
         img = bg + (fg - bg) * big + 0.05 * torch.randn(n, 3, size, size, generator=gen)
         out[name] = torch.utils.data.TensorDataset(img.float(), y)
-    return out
+    return _without_labels(out, train_labels)
 
 
 @dataclass
@@ -123,10 +137,15 @@ def _check_split(ds: Any, name: str, source: str, inp: InputConfig, cfg_file: st
                                  "(needs __len__ and __getitem__)")
     if len(ds) == 0:
         raise _problem(cfg_file, f"'{source}' split '{name}' is empty")
+    from compresskit.training import unpack
+
     sample = ds[0]
-    if not isinstance(sample, (tuple, list)) or len(sample) != 2:
-        raise _problem(cfg_file, f"'{source}' split '{name}' must yield (input, label) pairs")
-    x = torch.as_tensor(sample[0])
+    bad = isinstance(sample, (tuple, list)) and len(sample) not in (1, 2)
+    if bad or (name != "train" and unpack(sample)[1] is None):
+        what = "(input, label) pairs" if name != "train" else \
+            "(input, label) pairs, or bare inputs when unlabeled"
+        raise _problem(cfg_file, f"'{source}' split '{name}' must yield {what}")
+    x = torch.as_tensor(unpack(sample)[0])
     if list(x.shape) != list(inp.shape):
         raise _problem(cfg_file, f"'{source}' split '{name}' yields inputs of shape "
                                  f"{list(x.shape)}, but input.shape is {inp.shape}; set "

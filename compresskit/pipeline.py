@@ -30,7 +30,7 @@ from compresskit.artifacts import (
     sha256_file,
     write_json,
 )
-from compresskit.checks import ROLES, deep_check, model_seed
+from compresskit.checks import deep_check, model_seed
 from compresskit.errors import ConfigError, StageError
 from compresskit.loader import LoadedPipeline
 from compresskit.sources import resolve_path, source_digest
@@ -68,10 +68,7 @@ def common_hash(loaded: LoadedPipeline, device: str, world_size: int = 1) -> str
 def model_hashes(loaded: LoadedPipeline) -> dict[str, str]:
     """Initial version of each model: its section, the code behind its source, its checkpoint."""
     out = {}
-    for role in ROLES:
-        mcfg = getattr(loaded.config, role)
-        if mcfg is None:
-            continue
+    for role, (_, mcfg) in loaded.config.model_sections().items():
         parts: dict[str, Any] = {"config": mcfg.model_dump(),
                                  "code": source_digest(mcfg.source, loaded.base_dir)}
         if mcfg.checkpoint:
@@ -112,8 +109,9 @@ class Runner:
         self.records: list[StageRecord] = []
         self._splits: Splits | None = None
         self._models: dict[str, nn.Module] = {}
-        self._state: dict[str, str | None] = {role: None for role in ROLES}
-        self._structure: dict[str, dict[str, Any]] = {role: _plain(role) for role in ROLES}
+        roles = ("teacher", "student", *self.cfg.models)
+        self._state: dict[str, str | None] = {role: None for role in roles}
+        self._structure: dict[str, dict[str, Any]] = {role: _plain(role) for role in roles}
         self._fresh: dict[str, nn.Module] = {}
         self.device: Any = None
 
@@ -134,9 +132,10 @@ class Runner:
         from compresskit import modelio, structure
 
         base, edits = self._structure[role]["base"], self._structure[role]["edits"]
-        mcfg = getattr(self.cfg, base)
-        if mcfg is None:  # excluded by validation; reaching here is our bug
+        section = self.cfg.model_sections().get(base)
+        if section is None:  # excluded by validation; reaching here is our bug
             raise RuntimeError(f"no {base} configured")
+        mcfg = section[1]
         model = self._fresh.pop(role, None) if base == role else None
         if model is None:
             model = modelio.build(mcfg, base, self.loaded.base_dir,

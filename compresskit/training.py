@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,49 @@ from torch.utils.data import DataLoader, Dataset
 from compresskit import distributed as dist
 from compresskit.config import TrainingOptions
 
-StepFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
+
+@dataclass
+class Batch:
+    """One training batch: inputs, labels (None for a split of bare inputs), and the samples'
+    indices in the split (what the teacher-output cache is looked up by)."""
+
+    x: torch.Tensor
+    y: torch.Tensor | None
+    index: torch.Tensor
+
+
+StepFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]
+
+
+def unpack(sample: Any) -> tuple[Any, Any | None]:
+    """(input, label) of a sample; a bare input, or a 1-tuple, has no label."""
+    if isinstance(sample, (tuple, list)):
+        if len(sample) == 2:
+            return sample[0], sample[1]
+        if len(sample) == 1:
+            return sample[0], None
+    return sample, None
+
+
+def has_labels(ds: Dataset) -> bool:
+    return unpack(ds[0])[1] is not None
+
+
+class Indexed(Dataset):
+    """A split whose samples carry their index, with or without a label."""
+
+    def __init__(self, ds: Dataset):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        x, y = unpack(self.ds[i])
+        out = {"x": torch.as_tensor(x), "index": i}
+        if y is not None:
+            out["y"] = torch.as_tensor(y)
+        return out
 
 
 class Diverged(Exception):
@@ -53,7 +96,8 @@ def predict(model: nn.Module, ds: Dataset, batch_size: int,
     """Logits and labels of a whole split, in order."""
     model.eval()
     outs, labels = [], []
-    for x, y in loader(ds, batch_size, shuffle=False, seed=0):
+    for sample in loader(ds, batch_size, shuffle=False, seed=0):
+        x, y = unpack(sample)
         outs.append(model(x.to(device)).float().cpu())
         labels.append(torch.as_tensor(y))
     return torch.cat(outs), torch.cat(labels)
@@ -108,12 +152,14 @@ def fit(model: nn.Module, train: Dataset, opts: TrainingOptions, *, batch_size: 
         step: StepFn, device: torch.device, seed: int, progress: Any = None, desc: str = "train",
         val: Dataset | None = None, eval_batch_size: int = 256,
         extra_params: list[nn.Parameter] | None = None,
-        resume: Path | None = None) -> dict[str, Any]:
+        resume: Path | None = None,
+        after_step: Callable[[], None] | None = None) -> dict[str, Any]:
     """Train `model` in place for opts.epochs; returns the loss and val-accuracy history.
 
     With `resume`, a checkpoint (weights, optimiser, schedule, shuffling and RNG state) is saved
     there every `opts.checkpoint_every` epochs and at the end, and a later call with the same path
-    continues from it, producing the same weights as an uninterrupted run.
+    continues from it, producing the same weights as an uninterrupted run. `after_step` runs
+    after every optimiser step (e.g. to update a moving-average teacher held inside `model`).
     """
     model.to(device)
     data, sampler = _train_loader(train, batch_size, seed)
@@ -136,9 +182,11 @@ def fit(model: nn.Module, train: Dataset, opts: TrainingOptions, *, batch_size: 
         if sampler is not None:
             sampler.set_epoch(epoch)
         total, count = 0.0, 0
-        for x, y in data:
-            x, y = x.to(device), y.to(device)
-            loss, terms = step(net, x, y)
+        for raw in data:
+            y = raw.get("y")
+            batch = Batch(raw["x"].to(device), None if y is None else y.to(device),
+                          raw["index"])
+            loss, terms = step(net, batch)
             value = float(loss.detach())
             # Under torchrun every rank sees the mean, so all stop together on a NaN.
             if not math.isfinite(dist.mean(value, device)):
@@ -151,8 +199,10 @@ def fit(model: nn.Module, train: Dataset, opts: TrainingOptions, *, batch_size: 
             loss.backward()
             opt.step()
             sched.step()
-            total += value * len(x)
-            count += len(x)
+            if after_step is not None:
+                after_step()
+            total += value * len(batch.x)
+            count += len(batch.x)
             global_step += 1
         history["loss"].append(dist.mean(total / max(1, count), device))
         info = f"loss {history['loss'][-1]:.4f}"
@@ -175,6 +225,7 @@ def fit(model: nn.Module, train: Dataset, opts: TrainingOptions, *, batch_size: 
 def _train_loader(train: Dataset, batch_size: int, seed: int) -> tuple[DataLoader, Any]:
     """One process: shuffled batches. Under torchrun: each rank a shard of each epoch, with
     `batch_size` the global batch (split across ranks), so steps per epoch stay the same."""
+    train = Indexed(train)
     if not dist.active():
         return loader(train, batch_size, shuffle=True, seed=seed), None
     from torch.utils.data.distributed import DistributedSampler
@@ -196,7 +247,8 @@ def _wrap(model: nn.Module, device: torch.device) -> nn.Module:
         model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def cross_entropy_step(model: nn.Module, x: torch.Tensor,
-                       y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-    loss = nn.functional.cross_entropy(model(x), y)
+def cross_entropy_step(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+    if batch.y is None:  # callers check has_labels first; reaching here is our bug
+        raise RuntimeError("cross-entropy on a batch without labels")
+    loss = nn.functional.cross_entropy(model(batch.x), batch.y)
     return loss, {"ce": float(loss.detach())}

@@ -1,6 +1,8 @@
-"""Distillation losses as pure functions."""
+"""Distillation losses as pure functions: tensors in, a scalar loss (or a target) out."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +22,38 @@ def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     return kl * (t * t)
 
 
+def kl_to_target(student_logits: torch.Tensor, target: torch.Tensor,
+                 temperature: float) -> torch.Tensor:
+    """T^2 * KL(target || softmax(student/T)) for a given target distribution (rows sum to 1),
+    e.g. several teachers' combined soft targets. Equals soft_kl when target = softmax(t/T)."""
+    t = temperature
+    log_p_student = F.log_softmax(student_logits / t, dim=-1)
+    kl = F.kl_div(log_p_student, target.detach(), reduction="batchmean")
+    return kl * (t * t)
+
+
+def combined_targets(teacher_logits: Sequence[torch.Tensor], weights: Sequence[float],
+                     temperatures: Sequence[float], confidence: bool = False) -> torch.Tensor:
+    """Weighted average of the teachers' softened distributions softmax(t_k / T_k).
+
+    With `confidence`, teacher k's weight for a sample is also multiplied by its top-1
+    probability at T = 1 on that sample, so a teacher that is unsure there counts less. The
+    weights are normalised per sample, so the result is a distribution.
+    """
+    if not (len(teacher_logits) == len(weights) == len(temperatures)) or not teacher_logits:
+        raise ValueError("one weight and one temperature per teacher, at least one teacher")
+    probs = torch.stack([F.softmax(t.detach().float() / temp, dim=-1)
+                         for t, temp in zip(teacher_logits, temperatures, strict=True)])
+    w = torch.tensor(list(weights), dtype=probs.dtype, device=probs.device)[:, None]
+    w = w.expand(len(weights), probs.shape[1])  # [teachers, batch]
+    if confidence:
+        top1 = torch.stack([F.softmax(t.detach().float(), dim=-1).amax(dim=-1)
+                            for t in teacher_logits])
+        w = w * top1
+    w = w / w.sum(dim=0, keepdim=True)
+    return (w[..., None] * probs).sum(dim=0)
+
+
 def hinton_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                 targets: torch.Tensor | None, temperature: float,
                 alpha: float) -> tuple[torch.Tensor, dict[str, float]]:
@@ -28,8 +62,83 @@ def hinton_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     Returns the loss and its terms (for logs and NaN diagnostics).
     """
     soft = soft_kl(student_logits, teacher_logits, temperature)
+    return mix_with_labels(soft, student_logits, targets, alpha, {"kd": float(soft.detach())})
+
+
+def mix_with_labels(distill: torch.Tensor, student_logits: torch.Tensor,
+                    targets: torch.Tensor | None, alpha: float,
+                    terms: dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
+    """alpha * distill + (1 - alpha) * CE(student, labels); the distillation term alone when
+    there are no labels (label-free distillation) or alpha is 1."""
     if targets is None or alpha >= 1.0:
-        return soft, {"kd": float(soft.detach())}
+        return distill, terms
     hard = F.cross_entropy(student_logits, targets)
-    loss = alpha * soft + (1.0 - alpha) * hard
-    return loss, {"kd": float(soft.detach()), "ce": float(hard.detach())}
+    return alpha * distill + (1.0 - alpha) * hard, {**terms, "ce": float(hard.detach())}
+
+
+def feature_distance(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
+    """FitNets' hint loss between two feature tensors of the same shape: mean squared error,
+    mean absolute error, or 1 - cosine similarity of the flattened per-sample features."""
+    teacher = teacher.detach()
+    if kind == "mse":
+        return F.mse_loss(student, teacher)
+    if kind == "l1":
+        return F.l1_loss(student, teacher)
+    if kind == "cosine":
+        return cosine_loss(student.flatten(1), teacher.flatten(1))
+    raise ValueError(f"unknown feature distance {kind!r}")
+
+
+def attention_map(features: torch.Tensor) -> torch.Tensor:
+    """Zagoruyko and Komodakis' spatial attention: mean over channels of F^2, flattened and
+    L2-normalised per sample. [batch, C, H, W] -> [batch, H * W]."""
+    return F.normalize(features.pow(2).mean(dim=1).flatten(1), dim=1)
+
+
+def attention_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference of the two attention maps (the paper's code); when spatial
+    sizes differ, the larger map is average-pooled to the smaller first."""
+    if student.dim() != 4 or teacher.dim() != 4:
+        raise ValueError("attention transfer needs 4-D [batch, C, H, W] feature maps")
+    hs, ht = student.shape[-2:], teacher.detach().shape[-2:]
+    if hs != ht:
+        size = (min(hs[0], ht[0]), min(hs[1], ht[1]))
+        student = F.adaptive_avg_pool2d(student, size)
+        teacher = F.adaptive_avg_pool2d(teacher, size)
+    return (attention_map(student) - attention_map(teacher.detach())).pow(2).mean()
+
+
+def pooled(x: torch.Tensor) -> torch.Tensor:
+    """An embedding per sample: 4-D maps averaged over space, 3-D sequences over tokens."""
+    if x.dim() == 4:
+        return x.mean(dim=(2, 3))
+    if x.dim() == 3:
+        return x.mean(dim=1)
+    return x.flatten(1)
+
+
+def cosine_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """1 - cos(student, teacher), averaged over the batch (DistilBERT's cosine-embedding loss
+    with every pair a positive one)."""
+    return (1.0 - F.cosine_similarity(student, teacher.detach(), dim=-1)).mean()
+
+
+def mutual_terms(logits: torch.Tensor, temperature: float) -> list[torch.Tensor]:
+    """Deep mutual learning (Zhang et al. 2018): for stacked peer logits [peers, batch,
+    classes], each peer's mean soft KL from every other peer's (detached) prediction."""
+    k = logits.shape[0]
+    return [torch.stack([soft_kl(logits[i], logits[j], temperature)
+                         for j in range(k) if j != i]).mean() for i in range(k)]
+
+
+@torch.no_grad()
+def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, decay: float) -> None:
+    """teacher <- decay * teacher + (1 - decay) * student, for parameters and float buffers
+    (BatchNorm statistics); integer buffers such as step counters are copied."""
+    t_state = teacher.state_dict()
+    for name, value in student.state_dict().items():
+        target = t_state[name]
+        if target.dtype.is_floating_point:
+            target.mul_(decay).add_(value.detach(), alpha=1.0 - decay)
+        else:
+            target.copy_(value)

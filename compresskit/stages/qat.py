@@ -50,9 +50,8 @@ def run(cfg: QatConfig, ctx: StageContext) -> StageResult:
     except quant.QuantError as e:
         raise StageError(ctx.name, str(e)) from None
     teacher = ctx.model("teacher") if cfg.distill else None
-    loss = fine_tune(ctx, model, cfg.options(cfg.epochs), teacher, cfg.temperature, cfg.alpha,
-                     cfg.model, cfg.model, hint="; QAT wants a small lr (1e-4)"
-                     ) if cfg.epochs else None
+    loss = fine_tune(ctx, model, cfg.options(cfg.epochs), teacher, cfg, cfg.model, cfg.model,
+                     hint="; QAT wants a small lr (1e-4)") if cfg.epochs else None
     model.cpu().eval()
     example = example_input(ctx.config.input, batch=2)
     stripped = quant.strip(model, example)

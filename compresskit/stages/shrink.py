@@ -13,13 +13,14 @@ from torch import nn
 
 from compresskit import distributed as dist
 from compresskit import measure
+from compresskit import teacher as teacher_outputs
 from compresskit.backends.onnx_export import ExportError
 from compresskit.config import CompressOptions, TrainingOptions
 from compresskit.context import StageContext, StageResult
-from compresskit.errors import StageError
+from compresskit.errors import ConfigError, Problem, StageError
 from compresskit.modelio import example_input
 from compresskit.ops.kd import hinton_loss
-from compresskit.training import Diverged, cross_entropy_step, fit
+from compresskit.training import Batch, Diverged, cross_entropy_step, fit, has_labels
 
 
 class Shrink:
@@ -89,8 +90,8 @@ class Shrink:
         if epochs <= 0:
             return None
         cfg = self.cfg
-        return fine_tune(self.ctx, self.model, cfg.options(epochs), self.teacher,
-                         cfg.temperature, cfg.alpha, f"recover{tag}", f"student{tag}")
+        return fine_tune(self.ctx, self.model, cfg.options(epochs), self.teacher, cfg,
+                         f"recover{tag}", f"student{tag}")
 
     def finish(self, edit: dict[str, Any], metrics: dict[str, Any]) -> StageResult:
         """Measure the result against the model as it came in; record the edit."""
@@ -122,20 +123,26 @@ class Shrink:
 
 
 def fine_tune(ctx: StageContext, model: nn.Module, opts: TrainingOptions,
-              teacher: nn.Module | None, temperature: float, alpha: float, what: str,
-              resume: str, hint: str = "") -> float:
+              teacher: nn.Module | None, kd_opts: Any, what: str, resume: str,
+              hint: str = "") -> float:
     """Train `model` in place by distillation from `teacher` (cross-entropy without one) on the
-    pipeline's data, resumably; returns the final loss, or fails the stage if it diverges."""
-    if teacher is not None:
-        teacher = teacher.to(ctx.device).eval()
-
-    def kd_step(m: nn.Module, x: torch.Tensor,
-                y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        with torch.no_grad():
-            t_logits = teacher(x)  # type: ignore[misc]
-        return hinton_loss(m(x), t_logits, y, temperature, alpha)
-
+    pipeline's data, resumably; returns the final loss, or fails the stage if it diverges.
+    `kd_opts` carries temperature, alpha and the teacher-cache options (cache_teacher,
+    cache_precision): with the cache, the teacher's logits come from the files an earlier stage
+    or run wrote for the same teacher and data."""
     data = ctx.data()
+    source = None
+    if teacher is not None:
+        source = teacher_outputs.for_stage(ctx, kd_opts, {"teacher": teacher})
+    elif not has_labels(data.train):
+        raise ConfigError(Problem(
+            f"{what} needs labels or a teacher: the training split has no labels and the "
+            "pipeline has no teacher to distil from", key=f"stages[{ctx.index}]"))
+
+    def kd_step(m: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        t_logits = source(batch)["teacher"]  # type: ignore[misc]
+        return hinton_loss(m(batch.x), t_logits, batch.y, kd_opts.temperature, kd_opts.alpha)
+
     try:
         history = fit(model, data.train, opts,
                       step=kd_step if teacher is not None else cross_entropy_step,

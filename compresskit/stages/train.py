@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from compresskit.config import TrainConfig
 from compresskit.context import StageContext, StageResult
-from compresskit.errors import StageError
+from compresskit.errors import ConfigError, Problem, StageError
 from compresskit.modelio import count_params
-from compresskit.training import Diverged, cross_entropy_step, evaluate, fit
+from compresskit.training import Diverged, cross_entropy_step, evaluate, fit, has_labels
 
 
 def run(cfg: TrainConfig, ctx: StageContext) -> StageResult:
     data = ctx.data()
+    if not has_labels(data.train):
+        raise ConfigError(Problem(
+            "'train' uses cross-entropy, but the training split has no labels; distil from "
+            "a teacher instead (type: distill)", key=f"stages[{ctx.index}].type"))
     model = ctx.model(cfg.model)
     bs = ctx.config.data.eval_batch_size
     try:
