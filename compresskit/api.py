@@ -23,10 +23,10 @@ def load(pipeline: str | Path | dict[str, Any], overrides: list[str] | tuple[str
 
 
 def validate(pipeline: str | Path | dict[str, Any], overrides: list[str] | tuple[str, ...] = (),
-             deep: bool = True) -> LoadedPipeline:
+             deep: bool = True, base_dir: str | Path = ".") -> LoadedPipeline:
     """Raise ConfigError listing every problem; with deep=True also build the models and run
-    one dry forward pass (imports torch)."""
-    loaded = load(pipeline, overrides)
+    one dry forward pass (imports torch). `base_dir` resolves a dict pipeline's sources."""
+    loaded = load(pipeline, overrides, base_dir)
     if deep:
         from compresskit.checks import deep_check
 

@@ -89,6 +89,31 @@ def deep_check(loaded: LoadedPipeline) -> dict[str, nn.Module]:
             problems.append(loaded.problem(("input", "shape"), str(e)))
             continue
         models[role] = model
+    if not problems:
+        problems += _distill_problems(loaded, models)
     if problems:
         raise ConfigError(problems)
     return models
+
+
+def _distill_problems(loaded: LoadedPipeline, models: dict[str, nn.Module]) -> list[Problem]:
+    """Distill stages whose loss terms name modules the models lack, whose teachers disagree
+    on the number of classes, or whose feature shapes no adapter can bridge."""
+    from compresskit.config import DistillConfig
+    from compresskit.modelio import example_input
+    from compresskit.objective import problems
+
+    out = []
+    example = example_input(loaded.config.input)
+    for i, stage in enumerate(loaded.config.stages):
+        if not isinstance(stage, DistillConfig) or stage.mode == "mutual" \
+                or "student" not in models:
+            continue
+        student = models["student"]
+        teachers = {t.model: models[t.model] for t in stage.teachers if t.model in models} \
+            if stage.mode == "kd" else {"self": student}
+        if not teachers:
+            continue
+        out += [loaded.problem(("stages", i, *key), msg)
+                for key, msg in problems(stage, student, teachers, example)]
+    return out

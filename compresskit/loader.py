@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from compresskit.config import STAGE_CONFIGS, PipelineConfig, order_problems
+from compresskit.config import STAGE_CONFIGS, LossTerm, PipelineConfig, order_problems
 from compresskit.errors import ConfigError, Problem
 from compresskit.registry import did_you_mean
 
@@ -157,6 +157,16 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> list[Problem]
     return problems
 
 
+def _tagged(union: Any) -> dict[str, type[BaseModel]]:
+    members = typing.get_args(typing.get_args(union)[0])
+    return {typing.get_args(m.model_fields["type"].annotation)[0]: m for m in members}
+
+
+LOSS_TERMS = _tagged(LossTerm)
+TAGGED: dict[str, type[BaseModel]] = {**STAGE_CONFIGS, **LOSS_TERMS}
+"""Every `type:` tag of a tagged union and the model it selects (tags are distinct)."""
+
+
 def _model_at(loc: Path_) -> type[BaseModel] | None:
     """The pydantic model class that validates the value at `loc` (to suggest valid keys)."""
     current: Any = PipelineConfig
@@ -174,8 +184,8 @@ def _model_at(loc: Path_) -> type[BaseModel] | None:
             current = typing.get_args(current)[0]
             continue
         if origin in (typing.Union, types.UnionType):
-            if part in STAGE_CONFIGS:
-                current = STAGE_CONFIGS[part]
+            if part in TAGGED:
+                current = TAGGED[part]
                 continue
             members = [a for a in typing.get_args(current) if a is not type(None)]
             if len(members) == 1:
@@ -196,11 +206,18 @@ def _yaml_path(loc: Path_) -> Path_:
     """Drop the union tags pydantic puts in locations (stages.1.distill.lr -> stages.1.lr)."""
     out: list[Any] = []
     for i, part in enumerate(loc):
-        tag = isinstance(part, str) and part in STAGE_CONFIGS
+        tag = isinstance(part, str) and part in TAGGED
         if tag and i > 0 and isinstance(loc[i - 1], int):
             continue
         out.append(part)
     return tuple(out)
+
+
+TAGGED_LISTS: dict[str, tuple[str, list[str]]] = {
+    "stages": ("stage", list(STAGE_CONFIGS)),
+    "losses": ("loss term", list(LOSS_TERMS)),
+}
+"""Lists whose items pick their schema by `type:`, and what one item is called."""
 
 
 def _message(err: Any) -> str:
@@ -216,12 +233,14 @@ def _message(err: Any) -> str:
         return f"unknown key '{loc[-1]}'{hint}"
     if kind == "missing":
         return "required key is missing"
+    path = _yaml_path(tuple(loc))
+    list_key = path[-2] if len(path) >= 2 and isinstance(path[-2], str) else "stages"
+    what, tags = TAGGED_LISTS.get(list_key, TAGGED_LISTS["stages"])
     if kind == "union_tag_invalid":
-        return (f"unknown stage type '{err['ctx']['tag']}'"
-                f"{did_you_mean(str(err['ctx']['tag']), list(STAGE_CONFIGS))}; "
-                f"known: {', '.join(STAGE_CONFIGS)}")
+        return (f"unknown {what} type '{err['ctx']['tag']}'"
+                f"{did_you_mean(str(err['ctx']['tag']), tags)}; known: {', '.join(tags)}")
     if kind == "union_tag_not_found":
-        return f"a stage needs a 'type:' key, one of: {', '.join(STAGE_CONFIGS)}"
+        return f"a {what} needs a 'type:' key, one of: {', '.join(tags)}"
     if kind == "model_attributes_type" or kind == "model_type":
         return f"expected a mapping of keys, got {type(given).__name__} {given!r}"
     msg = err["msg"]

@@ -99,9 +99,9 @@ def problems(cfg: DistillConfig, student: nn.Module, teachers: dict[str, nn.Modu
         s = s_feats[term.student] if term.student else s_out  # type: ignore[union-attr]
         t = t_feats[term.teacher] if term.teacher else t_out  # type: ignore[union-attr]
         if term.type == "attention" and (s.dim() != 4 or t.dim() != 4):
-            out.append((("losses", i), f"{_label(i, term)}: attention transfer needs 4-D "
-                        f"[batch, C, H, W] maps; the student's is {list(s.shape)}, the "
-                        f"teacher's {list(t.shape)}"))
+            out.append((("losses", i), f"{_label(i, term)}: attention transfer needs [C, H, W] "
+                        f"feature maps; the student's output is {list(s.shape[1:])}, the "
+                        f"teacher's {list(t.shape[1:])} (without batch)"))
         elif term.type != "attention":
             try:
                 adapter(_shape_of(s, term), _shape_of(t, term), _label(i, term))
@@ -166,7 +166,8 @@ class Objective:
         total = logits.new_zeros(())
         for i, term in enumerate(self.cfg.losses):
             value = self._term(i, term, logits, teacher, distiller)
-            terms[f"{term.type}{i}" if len(self.cfg.losses) > 1 else term.type] = float(value.detach())
+            label = f"{term.type}{i}" if len(self.cfg.losses) > 1 else term.type
+            terms[label] = float(value.detach())
             total = total + term.weight * value
         return kd.mix_with_labels(total, logits, batch.y, self.cfg.alpha, terms)
 

@@ -77,19 +77,50 @@ def quantization_rows(report: dict[str, Any]) -> list[list[str]]:
     return out
 
 
+def _distill_line(m: dict[str, Any]) -> str:
+    mode, split = m.get("mode", "kd"), m.get("eval_split")
+    if mode == "born_again":
+        line = (f"Born-again student, accuracy on the {split} split by generation: "
+                + " -> ".join(f"{a:.4f}" for a in m["generation_accuracy"]))
+    elif mode == "ema":
+        line = (f"Student distilled from its own moving average: {m['accuracy']:.4f} on the "
+                f"{split} split (the moving-average teacher {m['ema_accuracy']:.4f})")
+    elif mode == "mutual":
+        line = ("Mutual distillation, accuracy on the " f"{split} split: " + ", ".join(
+            f"{n} {a:.4f}" for n, a in m["peer_accuracy"].items())
+            + f" (their ensemble {m['ensemble_accuracy']:.4f})")
+    else:
+        line = (f"Distilled student: {m['accuracy']:.4f} accuracy on the {split} split "
+                f"(teacher {m['teacher_accuracy']:.4f}, T = {m['temperature']:g}, top-1 "
+                f"agreement {m['teacher_agreement']:.3f}, 1/{1 / m['student_param_ratio']:.0f} "
+                "of its parameters)")
+    if "baseline_accuracy" in m:
+        line += (f"; the same student trained without a teacher: {m['baseline_accuracy']:.4f} "
+                 f"({100 * m['gain_over_baseline']:+.1f} points from distillation)")
+    return line + "."
+
+
+def distill_rows(report: dict[str, Any]) -> list[list[str]]:
+    """One row per teacher of each kd distill stage: what the pitfalls need to be judged."""
+    rows = []
+    for s in report["stages"]:
+        for name, t in s["metrics"].get("teachers", {}).items():
+            rows.append([s["name"], name, _fmt(t["weight"], 2), f"{t['temperature']:g}",
+                         _fmt(t["accuracy"]), _fmt(t["mean_max_prob_t1"], 3),
+                         _fmt(t["mean_max_prob"], 3), _fmt(t["params"]),
+                         f"1/{1 / t['student_param_ratio']:.0f}",
+                         _fmt(s["metrics"].get("teacher_agreement"), 3)])
+    return rows
+
+
 def headline(report: dict[str, Any]) -> list[str]:
     """Plain-words findings drawn only from measured numbers."""
     lines = []
     for s in report["stages"]:
         m = s["metrics"]
         if s["type"] == "distill" and "accuracy" in m:
-            line = (f"Distilled student: {m['accuracy']:.4f} accuracy on the {m.get('eval_split')} "
-                    f"split (teacher {m['teacher_accuracy']:.4f})")
-            if "baseline_accuracy" in m:
-                gain = 100 * m["gain_over_baseline"]
-                line += (f"; the same student trained without the teacher: "
-                         f"{m['baseline_accuracy']:.4f} ({gain:+.1f} points from distillation)")
-            lines.append(line + ".")
+            lines.append(_distill_line(m))
+            lines += [f"Warning ({s['name']}): {w}." for w in m.get("warnings", [])]
         if "change" in m:
             c = m["change"]
             lines.append(
@@ -137,6 +168,16 @@ def markdown(report: dict[str, Any]) -> str:
              _fmt(s["params"]), _fmt(s["metrics"].get("accuracy"))] for s in report["stages"]]
     parts += ["## Stages", "", _table(["stage", "status", "seconds", "params", "accuracy"], rows),
               ""]
+    teacher_rows = distill_rows(report)
+    if teacher_rows:
+        parts += ["## Distillation (teachers measured on the evaluation split)", "",
+                  _table(["stage", "teacher", "weight", "T", "accuracy", "mean top-1 prob T=1",
+                          "mean top-1 prob at T", "params", "student/teacher params",
+                          "student-teacher top-1 agreement"], teacher_rows), ""]
+        parts += [f"Temperature sweep ({s['name']}): validation accuracy by T "
+                  f"{s['metrics']['temperature_sweep']}; picked T = "
+                  f"{s['metrics']['temperature']:g}." for s in report["stages"]
+                  if "temperature_sweep" in s["metrics"]] + [""]
     steps = [s for s in report["stages"] if "change" in s["metrics"]]
     if steps:
         rows = []

@@ -17,7 +17,7 @@ from torch import nn
 from compresskit import teacher as teacher_outputs
 from compresskit.config import DistillConfig
 from compresskit.context import StageContext, StageResult
-from compresskit.diagnostics import diagnostics
+from compresskit.diagnostics import capacity_warning, diagnostics
 from compresskit.errors import ConfigError, Problem, StageError
 from compresskit.loader import format_path
 from compresskit.modelio import count_params, example_input
@@ -43,7 +43,8 @@ def run(cfg: DistillConfig, ctx: StageContext) -> StageResult:
         return _mutual(cfg, ctx)
     student = ctx.model("student").to(ctx.device)
     initial = copy.deepcopy(student)
-    metrics: dict[str, Any] = {"mode": cfg.mode, "labels": has_labels(data.train)}
+    metrics: dict[str, Any] = {"mode": cfg.mode, "labels": has_labels(data.train),
+                               "warnings": []}
     if cfg.mode == "kd":
         metrics.update(_kd(cfg, ctx, student))
     elif cfg.mode == "born_again":
@@ -57,6 +58,9 @@ def run(cfg: DistillConfig, ctx: StageContext) -> StageResult:
     if cfg.baseline:
         metrics["baseline_accuracy"] = _baseline(cfg, ctx, initial, cfg.epochs)
         metrics["gain_over_baseline"] = metrics["accuracy"] - metrics["baseline_accuracy"]
+        gap = capacity_warning(metrics)
+        if gap:
+            metrics["warnings"].append(gap)
     ctx.log(f"student accuracy on {data.eval_name}: {metrics['accuracy']:.4f}"
             + (f" (teacher {metrics['teacher_accuracy']:.4f})"
                if "teacher_accuracy" in metrics else "")
@@ -242,7 +246,9 @@ def _mutual(cfg: DistillConfig, ctx: StageContext) -> StageResult:
         metrics["gain_over_baseline"] = metrics["accuracy"] - metrics["baseline_accuracy"]
     ctx.log("peer accuracy on " + data.eval_name + ": " + ", ".join(
         f"{n} {a:.4f}" for n, a in metrics["peer_accuracy"].items())
-        + f"; ensemble {metrics['ensemble_accuracy']:.4f}")
+        + f"; ensemble {metrics['ensemble_accuracy']:.4f}"
+        + (f"; the student without peers {metrics['baseline_accuracy']:.4f}"
+           if cfg.baseline else ""))
     return StageResult(metrics=metrics, updated=peers, params=count_params(peers[main]))
 
 

@@ -54,6 +54,25 @@ def test_a_pruned_student_reaches_every_rank_from_the_cache(write_pipeline, tmp_
     assert report["stages"][3]["params"] == report["stages"][2]["params"]
 
 
+def test_distill_modes_under_two_processes(write_pipeline, tmp_path):
+    """Rank 0 builds the teacher cache while the others wait; adapters, the EMA teacher and
+    mutual peers train under DistributedDataParallel and end equal on every rank."""
+    stages = ("  - {type: distill, epochs: 1, lr: 0.01, losses: [{type: kl}, {type: features, "
+              "student: features, teacher: features}]}\n"
+              "  - {type: distill, mode: ema, epochs: 1, lr: 0.01, noise: 0.05}\n"
+              "  - {type: distill, mode: mutual, peers: [student, peer], epochs: 1, lr: 0.01}\n")
+    text = TINY.replace("  - {type: distill, epochs: 2, lr: 0.03}\n", stages).replace(
+        "stages:", "models:\n  peer: {source: models/digits.py:student, kwargs: {width: 3}}\n"
+        "stages:")
+    path = write_pipeline(text)
+    result = run([str(path), "--nproc", "2", "-o", str(tmp_path / "ddp")], tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "ddp" / "report.json").read_text())
+    assert [s["status"] for s in report["stages"]] == ["done"] * 6
+    assert result.stderr.count("caching 2 teacher output(s)") == 1
+    assert (tmp_path / "ddp" / "cache" / "teacher_features.npy").exists()
+
+
 def test_a_failing_rank_stops_the_job_with_one_message(write_pipeline, tmp_path):
     path = write_pipeline(TINY.replace("epochs: 1, lr: 0.03", "epochs: 1, lr: 0.03, "
                                        "optimizer: sgd, weight_decay: 1.0e+30"))

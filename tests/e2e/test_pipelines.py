@@ -52,3 +52,25 @@ def test_digits_end_to_end(tmp_path):
     assert int8["int8_coverage"] >= 0.95
     assert fp32[(int8["path"], 1)] >= fp32[("artifacts/student.fp32.onnx", 1)] - 0.005
     assert report["seconds"] < 180
+
+
+DISTILL_EXAMPLES = sorted((ROOT / "pipelines").glob("distill_*.yaml"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", DISTILL_EXAMPLES, ids=[p.stem for p in DISTILL_EXAMPLES])
+def test_distill_example_runs(path, tmp_path, monkeypatch):
+    """Each distillation example runs end to end, trains a usable student, and reports what its
+    mode is about."""
+    monkeypatch.chdir(ROOT)
+    report = api.run(path, output_dir=tmp_path / "run", show_progress=False)
+    m = next(s for s in report["stages"] if s["type"] == "distill")["metrics"]
+    assert m["accuracy"] >= 0.95, m
+    expected = {"distill_features": "temperature_sweep", "distill_multi_teacher": "teachers",
+                "distill_born_again": "generation_accuracy", "distill_ema": "ema_accuracy",
+                "distill_mutual": "peer_accuracy", "distill_label_free": "teacher_agreement"}
+    assert expected[path.stem] in m
+    if path.stem == "distill_label_free":
+        assert m["labels"] is False
+    assert any(a["model"] == "student" for a in report["artifacts"])
+    assert report["seconds"] < 120
