@@ -326,11 +326,14 @@ class DistillConfig(TrainingOptions, TeacherCacheOptions):
         """Keys that contradict the mode, as (path relative to the stage, message)."""
         out: list[tuple[tuple[Any, ...], str]] = []
         given = self.model_fields_set
-        only = {"teachers": "kd", "confidence_weighting": "kd", "generations": "born_again",
-                "ema_decay": "ema", "noise": "ema", "peers": "mutual"}
-        for key, mode in only.items():
-            if key in given and self.mode != mode:
-                out.append(((key,), f"'{key}' applies to mode: {mode}, not mode: {self.mode}"))
+        only = {"teachers": ("kd",), "confidence_weighting": ("kd",),
+                "generations": ("born_again",), "ema_decay": ("ema",), "noise": ("ema",),
+                "peers": ("mutual",), "cache_teacher": ("kd", "born_again"),
+                "cache_precision": ("kd", "born_again")}
+        for key, modes in only.items():
+            if key in given and self.mode not in modes:
+                out.append(((key,), f"'{key}' applies to mode: {' or '.join(modes)}, not "
+                            f"mode: {self.mode}"))
         if self.mode == "mutual":
             if len(set(self.peers)) < 2:
                 out.append((("peers",), "mode mutual needs at least two different peers, e.g. "

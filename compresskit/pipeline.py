@@ -42,8 +42,9 @@ if TYPE_CHECKING:
     from compresskit.data import Splits
 
 STAGE_DIR = re.compile(r"^\d{2}-[a-z]+$")
-NOT_HASHED = {"checkpoint_every"}
-"""Stage keys that change how a stage runs, never what it produces."""
+NOT_HASHED = {"checkpoint_every", "cache_teacher"}
+"""Stage keys that change how a stage runs, never what it produces (cached teacher outputs at
+float32 are the teacher's outputs; cache_precision does change them, so it is hashed)."""
 PARTIAL = ".partial"
 RESUME_STATE = "stage.json"
 

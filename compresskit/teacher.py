@@ -164,7 +164,8 @@ def _digest(*parts: str) -> str:
 
 
 def _file(folder: Path, key: str) -> Path:
-    return folder / (re.sub(r"[^A-Za-z0-9_.-]", "_", key) + ".npy")
+    # Model names are [A-Za-z0-9_]: '--' cannot occur in one, so names never collide.
+    return folder / (re.sub(r"[^A-Za-z0-9_.-]", "_", key.replace(":", "--")) + ".npy")
 
 
 def _meta(folder: Path, key: str) -> Path:

@@ -23,10 +23,11 @@ from compresskit.targets import TARGETS
 
 def calibration(ctx: StageContext, samples: int) -> list[torch.Tensor]:
     """The first `samples` training inputs, in batches, in a fixed order."""
-    from compresskit.training import loader
+    from compresskit.training import loader, unpack
 
     out, n = [], 0
-    for x, _ in loader(ctx.data().train, ctx.config.data.batch_size, shuffle=False, seed=0):
+    for sample in loader(ctx.data().train, ctx.config.data.batch_size, shuffle=False, seed=0):
+        x = unpack(sample)[0]
         out.append(x[: samples - n])
         n += len(out[-1])
         if n >= samples:

@@ -21,15 +21,19 @@ from compresskit.stages.shrink import Shrink, first_and_last
 
 
 def _taylor_gradients(model: nn.Module, ctx: StageContext, batches: int) -> None:
-    """Gradients of the cross-entropy on the first training batches, for Taylor importance."""
-    from compresskit.training import loader
+    """Gradients of the cross-entropy on the first training batches, for Taylor importance;
+    on unlabelled data, against the model's own top-1 predictions."""
+    from compresskit.training import loader, unpack
 
     model.train().zero_grad()
-    for i, (x, y) in enumerate(loader(ctx.data().train, ctx.config.data.batch_size,
+    for i, sample in enumerate(loader(ctx.data().train, ctx.config.data.batch_size,
                                       shuffle=False, seed=ctx.seed)):
         if i >= batches:
             break
-        torch.nn.functional.cross_entropy(model(x), torch.as_tensor(y)).backward()
+        x, y = unpack(sample)
+        logits = model(x)
+        target = torch.as_tensor(y) if y is not None else logits.detach().argmax(dim=1)
+        torch.nn.functional.cross_entropy(logits, target).backward()
     model.eval()
 
 

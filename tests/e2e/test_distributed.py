@@ -70,7 +70,7 @@ def test_distill_modes_under_two_processes(write_pipeline, tmp_path):
     report = json.loads((tmp_path / "ddp" / "report.json").read_text())
     assert [s["status"] for s in report["stages"]] == ["done"] * 6
     assert result.stderr.count("caching 2 teacher output(s)") == 1
-    assert (tmp_path / "ddp" / "cache" / "teacher_features.npy").exists()
+    assert (tmp_path / "ddp" / "cache" / "teacher--features.npy").exists()
 
 
 def test_a_failing_rank_stops_the_job_with_one_message(write_pipeline, tmp_path):

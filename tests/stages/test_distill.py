@@ -140,11 +140,19 @@ def test_mode_keys_are_checked():
 def test_label_free_distillation(tmp_path):
     cfg = pipeline(distill(epochs=3))
     cfg["data"]["kwargs"] = {"train_labels": False}
-    cfg["stages"] = [{"type": "distill", "epochs": 1}]
+    # the whole chain without labels: recovery and QAT distil, Taylor ranks by predictions
+    cfg["stages"] = [{"type": "distill", "epochs": 1},
+                     {"type": "prune", "ratio": 0.3, "importance": "taylor", "recover": 1,
+                      "latency_runs": 10},
+                     {"type": "qat", "epochs": 1, "calibration_samples": 64,
+                      "min_int8_coverage": 0.0, "min_agreement": 0.0},
+                     {"type": "export", "models": ["student"]},
+                     {"type": "ptq", "calibration_samples": 64, "min_int8_coverage": 0.0}]
     cfg["teacher"] = {"source": f"{DIGITS}:sklearn_teacher", "kwargs": {"hidden": 32}}
     report = run(cfg, tmp_path / "run")
     m = report["stages"][0]["metrics"]
     assert m["labels"] is False and m["teacher_accuracy"] > 0.9
+    assert [s["status"] for s in report["stages"]] == ["done"] * 5
     # Without labels, cross-entropy stages are refused with a reason.
     cfg["stages"] = [{"type": "train", "model": "student", "epochs": 1}]
     with pytest.raises(ConfigError, match="training split has no labels"):

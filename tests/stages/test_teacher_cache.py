@@ -49,11 +49,11 @@ def test_cache_is_built_once_reused_and_equals_the_live_teacher(tmp_path):
     assert "caching 2 teacher output(s) for 1,293 training samples" in log
     # prune recovery needs only the logits, which the distill stage cached
     assert "teacher outputs from the cache (teacher)" in log
-    files = sorted(p.name for p in (out / "cache").iterdir())
-    assert files == ["teacher.json", "teacher.npy", "teacher_features.json",
-                     "teacher_features.npy"]
+    files = {p.name for p in (out / "cache").iterdir()}
+    assert files == {"teacher.json", "teacher.npy", "teacher--features.json",
+                     "teacher--features.npy"}
     logits = np.load(out / "cache" / "teacher.npy")
-    features = np.load(out / "cache" / "teacher_features.npy")
+    features = np.load(out / "cache" / "teacher--features.npy")
     assert logits.shape == (1293, 10) and features.shape == (1293, 16, 4, 4)
     # equal to what the trained teacher computes live, sample by sample
     from compresskit.data import digits
@@ -76,12 +76,12 @@ def test_corrupt_and_stale_cache_files_are_rebuilt(tmp_path):
     npy = out / "cache" / "teacher.npy"
     good = npy.read_bytes()
     npy.write_bytes(good[:-8] + b"\0" * 8)
-    meta = out / "cache" / "teacher_features.json"
+    meta = out / "cache" / "teacher--features.json"
     record = json.loads(meta.read_text())
     meta.write_text(json.dumps({**record, "key": "0" * 64}))
     _, log = run(pipeline(DISTILL), out, force=True)
     assert "teacher.npy is corrupt (its content does not match the sha256" in log
-    assert "teacher_features.npy is stale (the teacher's weights, the data" in log
+    assert "teacher--features.npy is stale (the teacher's weights, the data" in log
     assert npy.read_bytes() == good
     assert json.loads(meta.read_text())["key"] == record["key"]
 
@@ -129,7 +129,7 @@ def test_augmented_data_is_never_cached(tmp_path):
     assert "randomly augmented" in log and not (out / "cache").exists()
     forced = pipeline({**DISTILL, "cache_teacher": True}, data=data)
     with pytest.raises(StageError, match="random augmentation"):
-        run(forced, out)
+        run(forced, tmp_path / "forced")
 
 
 def test_cache_off_and_half_precision(tmp_path):
