@@ -174,10 +174,11 @@ def markdown(report: dict[str, Any]) -> str:
                   _table(["stage", "teacher", "weight", "T", "accuracy", "mean top-1 prob T=1",
                           "mean top-1 prob at T", "params", "student/teacher params",
                           "student-teacher top-1 agreement"], teacher_rows), ""]
-        parts += [f"Temperature sweep ({s['name']}): validation accuracy by T "
-                  f"{s['metrics']['temperature_sweep']}; picked T = "
-                  f"{s['metrics']['temperature']:g}." for s in report["stages"]
-                  if "temperature_sweep" in s["metrics"]] + [""]
+        sweeps = [f"Temperature sweep ({s['name']}): validation accuracy " + ", ".join(
+            f"T={t}: {a:.4f}" for t, a in s["metrics"]["temperature_sweep"].items())
+            + f"; picked T = {s['metrics']['temperature']:g}." for s in report["stages"]
+            if "temperature_sweep" in s["metrics"]]
+        parts += [*sweeps, ""] if sweeps else []
     steps = [s for s in report["stages"] if "change" in s["metrics"]]
     if steps:
         rows = []
