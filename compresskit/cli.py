@@ -79,7 +79,9 @@ def run(
         _fail_config(e)
     except StageError as e:
         if main:
-            err.print(f"[red]error:[/red] {e}", markup=True)
+            from rich.markup import escape
+
+            err.print(f"[red]error:[/red] {escape(str(e))}", markup=True)
             err.print("Finished stages are kept; fix the cause and run the same command to "
                       "resume.")
         raise typer.Exit(EXIT_STAGE_FAILED) from None
@@ -108,7 +110,7 @@ def _torchrun(nproc: int, pipeline: Path, overrides: list[str], output_dir: Path
 
 
 def _summary(report: dict[str, Any]) -> None:
-    from compresskit.report import headline
+    from compresskit.report import headline, verdicts
 
     t = Table(title=f"{report['name']}: {report['seconds']:.1f} s", title_justify="left")
     for col in ("stage", "status", "seconds", "params", "accuracy"):
@@ -136,7 +138,9 @@ def _summary(report: dict[str, Any]) -> None:
         out.print(b)
     for line in headline(report):
         out.print(line)
-    out.print(f"report: {Path(report['run_dir']) / 'report.md'}")
+    for line in verdicts(report):
+        out.print(f"[bold]{line}[/bold]")
+    out.print(f"report: {Path(report['run_dir']) / 'report.md'} (and report.html)")
 
 
 @app.command()
@@ -155,6 +159,81 @@ def validate(
         _fail_config(e)
     stages = " -> ".join(s.type for s in loaded.config.stages)
     out.print(f"{pipeline}: ok ({stages})")
+
+
+def _bad_input(message: str) -> None:
+    from rich.markup import escape
+
+    err.print(f"[red]error:[/red] {escape(message)}", markup=True)
+    raise typer.Exit(EXIT_BAD_INPUT)
+
+
+@app.command()
+def bench(
+    models: list[Path] = typer.Argument(
+        ..., help="ONNX files (any, not only compresskit's); several are timed interleaved "
+                  "and compared with the first."),
+    target: list[str] = typer.Option(["cpu"], "--target", "-t",
+                                     help="Target profile (repeatable); see `compresskit ls`."),
+    batch_size: list[int] = typer.Option([1], "--batch-size", "-b",
+                                         help="Batch size (repeatable)."),
+    threads: int = typer.Option(0, "--threads", help="Intra-op threads (0: the target's)."),
+    warmup: int = typer.Option(20, "--warmup", help="Untimed runs first."),
+    runs: int = typer.Option(200, "--runs", help="Timed rounds."),
+    seconds: float = typer.Option(0.0, "--seconds",
+                                  help="Time for this long instead of --runs (0: off)."),
+    input_shape: list[str] = typer.Option(
+        [], "--input-shape",
+        help="Shape without the batch for inputs with dynamic dimensions: 3,224,224 (the only "
+             "input) or NAME=3,224,224 (repeatable)."),
+    memory: bool = typer.Option(True, "--memory/--no-memory",
+                                help="Peak RSS per file in a fresh process."),
+    json_file: Path = typer.Option(None, "--json", help="Also write the rows to this file."),
+) -> None:
+    """Time ONNX files with onnxruntime on a target: cold start, p50/p90/p95/p99, throughput,
+    peak memory."""
+    from compresskit import bench as bench_mod
+    from compresskit.registry import did_you_mean
+    from compresskit.targets import TARGETS
+
+    if any(b < 1 for b in batch_size):
+        _bad_input(f"--batch-size must be at least 1, got {min(batch_size)}")
+    if runs < 1 or warmup < 0 or threads < 0 or seconds < 0:
+        _bad_input("--runs must be at least 1, and --warmup, --threads, --seconds not negative")
+    for name in target:
+        if name not in TARGETS:
+            _bad_input(f"unknown target '{name}'{did_you_mean(name, list(TARGETS))}; known: "
+                       f"{', '.join(TARGETS)}")
+    try:
+        shapes = bench_mod.parse_shapes(input_shape)
+    except ValueError as e:
+        _bad_input(str(e))
+    settings = bench_mod.Settings(batch_sizes=tuple(dict.fromkeys(batch_size)),
+                                  threads=threads or None, warmup=warmup, runs=runs,
+                                  seconds=seconds or None, memory=memory)
+    try:
+        rows = bench_mod.run_files(models, [TARGETS.get(t) for t in target], settings, shapes)
+    except bench_mod.BenchInputError as e:
+        _bad_input(str(e))
+    out.print(bench_mod.table(rows))
+    if json_file is not None:
+        json_file.write_text(json.dumps({"compresskit_version": __version__,
+                                         "benchmarks": rows}, indent=2) + "\n")
+        out.print(f"wrote {json_file}")
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="A run folder holding report.json.")) -> None:
+    """Rebuild report.md and report.html of a run from its report.json."""
+    from compresskit import report as report_mod
+    from compresskit.artifacts import read_json
+
+    data = read_json(run_dir / "report.json")
+    if not isinstance(data, dict) or "stages" not in data:
+        _bad_input(f"{run_dir}: no readable report.json there; give the folder a "
+                   "`compresskit run` wrote (runs/<name> by default)")
+    report_mod.write(run_dir, data)  # type: ignore[arg-type]
+    out.print(f"wrote {run_dir / 'report.md'} and {run_dir / 'report.html'}")
 
 
 @app.command()

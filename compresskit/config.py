@@ -599,9 +599,12 @@ class PtqConfig(Int8Options):
 
 
 class ExportConfig(StageBase):
-    """FP32 ONNX export with a dynamic batch axis, checked by onnx.checker and for parity."""
+    """FP32 ONNX export with a dynamic batch axis, checked by onnx.checker and for parity,
+    and the deployment bundle."""
 
     type: Literal["export"]
+    reads_artifacts: ClassVar[bool] = True
+    """The bundle takes the INT8 file an earlier stage wrote."""
 
     models: list[ModelRole] = Field(
         default_factory=lambda: list[ModelRole](("teacher", "student")),
@@ -614,6 +617,22 @@ class ExportConfig(StageBase):
     )
     atol: float = Field(1e-4, gt=0, description="Absolute tolerance of the parity check.")
     rtol: float = Field(1e-3, ge=0, description="Relative tolerance of the parity check.")
+    bundle: bool = Field(
+        True,
+        description=(
+            "Also write artifacts/bundle/ and artifacts/bundle.zip for a mobile or edge app: "
+            "the model (its INT8 file when a qat or earlier ptq stage made one, else FP32) as "
+            "ONNX and in ORT format, the reduced operator config, manifest.json and a README."
+        ),
+    )
+    bundle_model: ModelRole | None = Field(
+        None, description="Model to bundle (default: the student when exported, else the first)."
+    )
+    bundle_precision: Literal["int8", "fp32"] = Field(
+        "int8",
+        description="int8: the model's INT8 file when an earlier stage made one (QAT+KD first), "
+                    "else FP32; fp32: always the FP32 export.",
+    )
 
     @property
     def models_needed(self) -> tuple[str, ...]:
@@ -638,6 +657,10 @@ class BenchmarkConfig(StageBase):
     runs: int = Field(
         200, ge=10, description="Timed runs per artifact and batch size (after warm-up)."
     )
+    seconds: float | None = Field(
+        None, gt=0,
+        description="Time for this many seconds (at least 10 rounds) instead of `runs` rounds.",
+    )
     warmup: int = Field(20, ge=0, description="Untimed runs before timing.")
     threads: int | None = Field(
         None, ge=1, description="Intra-op threads; null uses the target's own setting."
@@ -646,6 +669,37 @@ class BenchmarkConfig(StageBase):
         True,
         description="Measure peak RSS of each artifact in a fresh child process.",
     )
+    verdict_tolerance: float = Field(
+        0.01, ge=0, le=1,
+        description=(
+            "The report's verdict per target names the fastest artifact whose accuracy is within "
+            "this much (0.01: one point) of the most accurate one."
+        ),
+    )
+
+
+class TargetConfig(Strict):
+    """A target of your own: how onnxruntime should run the model on your device."""
+
+    description: str = Field("a target defined in the pipeline file",
+                             description="One line shown in reports.")
+    providers: list[str] = Field(
+        default_factory=lambda: ["CPUExecutionProvider"], min_length=1,
+        description="onnxruntime execution providers, in order of preference.",
+    )
+    provider_options: list[dict[str, str]] = Field(
+        default_factory=list, description="Options per provider, in the same order."
+    )
+    threads: int | None = Field(None, ge=1, description="Intra-op threads (null: all cores).")
+    sequential: bool = Field(True, description="Sequential executor (false: parallel).")
+    arena: bool = Field(True, description="onnxruntime's CPU memory arena.")
+    optimization: Literal["all", "extended", "basic", "disable"] = Field(
+        "all", description="Graph optimisation level."
+    )
+    pin_cores: int | None = Field(
+        None, ge=1, description="Pin the measuring process to this many cores."
+    )
+    ort_format: bool = Field(False, description="Run the model converted to ORT format.")
 
 
 StageConfig = Annotated[
@@ -703,6 +757,10 @@ class PipelineConfig(Strict):
         for name, section in self.models.items():
             out.setdefault(name, (("models", name), section))
         return out
+    targets: dict[Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)], TargetConfig] = \
+        Field(default_factory=dict,
+              description="Targets of your own, by name, usable in benchmark stages beside the "
+                          "built-in ones (see `compresskit ls`).")
     stages: list[StageConfig] = Field(..., min_length=1, description="Stages, run in order.")
 
 

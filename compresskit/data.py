@@ -29,7 +29,7 @@ def _without_labels(out: dict[str, Dataset], train_labels: bool) -> dict[str, Da
 
 
 @DATASETS.register("digits")
-def digits(val_fraction: float = 0.1, train_labels: bool = True) -> dict[str, Dataset]:
+def digits(val_fraction: float = 0.1, train_labels: bool = True) -> dict[str, Any]:
     """scikit-learn's 1,797 real 8x8 handwritten digits; pixels / 16 as float32 (1, 8, 8).
 
     `test` is exactly the test part of train_test_split(X, y, test_size=0.2, random_state=0,
@@ -51,14 +51,14 @@ def digits(val_fraction: float = 0.1, train_labels: bool = True) -> dict[str, Da
         return TensorDataset(torch.tensor(xs / 16.0, dtype=torch.float32).reshape(-1, 1, 8, 8),
                              torch.tensor(ys, dtype=torch.long))
 
-    return _without_labels(
+    return {**_without_labels(
         {"train": ds(x_fit, y_fit), "val": ds(x_val, y_val), "test": ds(x_test, y_test)},
-        train_labels)
+        train_labels), "labels": [str(d) for d in range(10)]}
 
 
 @DATASETS.register("digits_rgb32")
 def digits_rgb32(size: int = 32, val_fraction: float = 0.1, seed: int = 0,
-                 train_labels: bool = True) -> dict[str, Dataset]:
+                 train_labels: bool = True) -> dict[str, Any]:
     """The same real digits and splits as 'digits', upsampled (bilinear) to 3 x size x size and
     painted with a random light foreground and dark background colour per image plus pixel
     noise, so a model must learn shape, not colour. A stand-in for small RGB image tasks
@@ -67,8 +67,9 @@ def digits_rgb32(size: int = 32, val_fraction: float = 0.1, seed: int = 0,
 
     gen = torch.Generator().manual_seed(seed)
     out: dict[str, Dataset] = {}
-    for name, split in digits(val_fraction).items():
-        x, y = split.tensors  # type: ignore[attr-defined]
+    base = digits(val_fraction)
+    for name in ("train", "val", "test"):
+        x, y = base[name].tensors  # type: ignore[attr-defined]
         n = len(x)
         big = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear",
                                               align_corners=False).clamp(0, 1)
@@ -76,7 +77,7 @@ def digits_rgb32(size: int = 32, val_fraction: float = 0.1, seed: int = 0,
         bg = 0.45 * torch.rand(n, 3, 1, 1, generator=gen)
         img = bg + (fg - bg) * big + 0.05 * torch.randn(n, 3, size, size, generator=gen)
         out[name] = torch.utils.data.TensorDataset(img.float(), y)
-    return _without_labels(out, train_labels)
+    return {**_without_labels(out, train_labels), "labels": [str(d) for d in range(10)]}
 
 
 @dataclass
@@ -84,6 +85,8 @@ class Splits:
     train: Dataset
     val: Dataset
     test: Dataset | None
+    labels: list[str] | None = None
+    """Class names by index, when the source gives them (a 'labels' entry)."""
 
     @property
     def eval(self) -> Dataset:
@@ -93,6 +96,16 @@ class Splits:
     @property
     def eval_name(self) -> str:
         return "test" if self.test is not None else "val"
+
+
+def describe_source(source: str) -> str:
+    """How a data source prepares inputs, for the deployment manifest: a built-in source's own
+    description, or a pointer to the user's factory."""
+    if ":" in source or source not in DATASETS:
+        return (f"inputs exactly as the data source '{source}' yields them (see its code); the "
+                "model expects the same scaling and layout")
+    doc = " ".join((DATASETS.get(source).__doc__ or "").split())
+    return f"as the built-in data source '{source}': {doc.split('. ')[0].rstrip('.')}."
 
 
 def _problem(cfg_file: str | None, msg: str) -> ConfigError:
@@ -120,7 +133,9 @@ def load_data(cfg: DataConfig, inp: InputConfig, base_dir: Path,
         got = sorted(out) if isinstance(out, dict) else type(out).__name__
         raise _problem(cfg_file, f"'{cfg.source}' must return a mapping with 'train' and 'val' "
                                  f"(and optionally 'test') datasets, got {got}")
-    splits = Splits(train=out["train"], val=out["val"], test=out.get("test"))
+    labels = out.get("labels")
+    splits = Splits(train=out["train"], val=out["val"], test=out.get("test"),
+                    labels=[str(v) for v in labels] if isinstance(labels, (list, tuple)) else None)
     for name in ("train", "val", "test"):
         ds = getattr(splits, name)
         if ds is None:

@@ -282,14 +282,15 @@ def _target_problems(cfg: PipelineConfig, file: str, lines: dict[Path_, int]) ->
     from compresskit.targets import TARGETS
 
     out = []
+    known = [*TARGETS, *cfg.targets]
     for i, stage in enumerate(cfg.stages):
         for j, name in enumerate(getattr(stage, "targets", [])):
-            if name not in TARGETS:
+            if name not in known:
                 path = ("stages", i, "targets", j)
                 out.append(Problem(
-                    f"unknown target '{name}'{did_you_mean(name, list(TARGETS))}; "
-                    f"known: {', '.join(TARGETS)}", file=file, line=line_of(lines, path),
-                    key=format_path(path)))
+                    f"unknown target '{name}'{did_you_mean(name, known)}; known: "
+                    f"{', '.join(known)} (or define it under 'targets:')", file=file,
+                    line=line_of(lines, path), key=format_path(path)))
     return out
 
 

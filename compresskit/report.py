@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -157,28 +158,31 @@ def headline(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def markdown(report: dict[str, Any]) -> str:
-    parts = [f"# compresskit report: {report['name']}", "",
-             f"compresskit {report['compresskit_version']}, pipeline `{report['pipeline']}`, "
-             f"{report['created']}, this invocation took {report['seconds']:.1f} s.", ""]
-    found = headline(report)
-    if found:
-        parts += ["## Findings", ""] + [f"- {line}" for line in found] + [""]
-    rows = [[f"{s['index']:02d}-{s['type']}", s["status"], _fmt(s["seconds"], 1),
-             _fmt(s["params"]), _fmt(s["metrics"].get("accuracy"))] for s in report["stages"]]
-    parts += ["## Stages", "", _table(["stage", "status", "seconds", "params", "accuracy"], rows),
-              ""]
+@dataclass
+class Section:
+    """A titled table (and optional notes) that both report.md and report.html render."""
+
+    title: str
+    header: list[str]
+    rows: list[list[str]]
+    notes: list[str] = field(default_factory=list)
+
+
+def sections(report: dict[str, Any]) -> list[Section]:
+    out = [Section("Stages", ["stage", "status", "seconds", "params", "accuracy"], [
+        [f"{s['index']:02d}-{s['type']}", s["status"], _fmt(s["seconds"], 1), _fmt(s["params"]),
+         _fmt(s["metrics"].get("accuracy"))] for s in report["stages"]])]
     teacher_rows = distill_rows(report)
     if teacher_rows:
-        parts += ["## Distillation (teachers measured on the evaluation split)", "",
-                  _table(["stage", "teacher", "weight", "T", "accuracy", "mean top-1 prob T=1",
-                          "mean top-1 prob at T", "params", "student/teacher params",
-                          "student-teacher top-1 agreement"], teacher_rows), ""]
         sweeps = [f"Temperature sweep ({s['name']}): validation accuracy " + ", ".join(
             f"T={t}: {a:.4f}" for t, a in s["metrics"]["temperature_sweep"].items())
             + f"; picked T = {s['metrics']['temperature']:g}." for s in report["stages"]
             if "temperature_sweep" in s["metrics"]]
-        parts += [*sweeps, ""] if sweeps else []
+        out.append(Section("Distillation (teachers measured on the evaluation split)",
+                           ["stage", "teacher", "weight", "T", "accuracy",
+                            "mean top-1 prob T=1", "mean top-1 prob at T", "params",
+                            "student/teacher params", "student-teacher top-1 agreement"],
+                           teacher_rows, sweeps))
     steps = [s for s in report["stages"] if "change" in s["metrics"]]
     if steps:
         rows = []
@@ -191,33 +195,94 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{before['latency_ms']:.3f} -> {after['latency_ms']:.3f} "
                 f"({s['metrics']['change']['latency_speedup']:.2f}x)",
                 f"{before['accuracy']:.4f} -> {after['accuracy']:.4f}"])
-        parts += ["## Compression steps (before -> after, measured on FP32 ONNX exports)", "",
-                  _table(["stage", "params", "MACs", "ONNX KiB", "batch-1 ms, 1 thread",
-                          "accuracy"], rows), ""]
+        out.append(Section("Compression steps (before -> after, measured on FP32 ONNX exports)",
+                           ["stage", "params", "MACs", "ONNX KiB", "batch-1 ms, 1 thread",
+                            "accuracy"], rows))
     quant_rows = quantization_rows(report)
     if quant_rows:
         first = report["benchmarks"][0]
-        parts += [f"## INT8 against FP32 ({first['target']}, batch {first['batch_size']}, "
-                  "measured on the files)", "",
-                  _table(["model", "method", "FP32 accuracy", "INT8 accuracy", "points",
-                          "p50 ms FP32 -> INT8", "speedup", "size ratio", "int8_coverage"],
-                         quant_rows), ""]
+        out.append(Section(f"INT8 against FP32 ({first['target']}, batch "
+                           f"{first['batch_size']}, measured on the files)",
+                           ["model", "method", "FP32 accuracy", "INT8 accuracy", "points",
+                            "p50 ms FP32 -> INT8", "speedup", "size ratio", "int8_coverage"],
+                           quant_rows))
     if report["artifacts"]:
-        rows = [[f"`{a['path']}`", a["precision"], _fmt(a["bytes"]), a["sha256"][:12]]
-                for a in report["artifacts"]]
-        parts += ["## Artifacts", "", _table(["path", "precision", "bytes", "sha256"], rows), ""]
-    if report["benchmarks"]:
-        rows = [[f"`{b['artifact']}`", b["target"], str(b["batch_size"]), str(b["threads"]),
+        out.append(Section("Artifacts", ["path", "precision", "bytes", "sha256"], [
+            [f"`{a['path']}`", a["precision"], _fmt(a["bytes"]), a["sha256"][:12]]
+            for a in report["artifacts"]]))
+    for target in dict.fromkeys(b["target"] for b in report["benchmarks"]):
+        rows = [[f"`{b['artifact']}`", str(b["batch_size"]), str(b["threads"]),
                  _fmt(b["latency_ms"]["p50"], 3), _fmt(b["latency_ms"]["p90"], 3),
                  _fmt(b["latency_ms"]["p99"], 3), _fmt(b["throughput_per_s"], 1),
-                 _fmt(b["peak_rss_mb"], 1), _fmt(b["accuracy"])]
-                for b in report["benchmarks"]]
-        parts += ["## Benchmarks (onnxruntime, measured on the exported files)", "",
-                  _table(["artifact", "target", "batch", "threads", "p50 ms", "p90 ms", "p99 ms",
-                          "throughput/s", "peak RSS MB", "accuracy"], rows), ""]
+                 _cold(b), _fmt(b["peak_rss_mb"], 1), _fmt(b["accuracy"]),
+                 _fmt(b.get("file_bytes", b.get("bytes")))]
+                for b in report["benchmarks"] if b["target"] == target]
+        out.append(Section(f"Target {target} (onnxruntime, measured on the files)",
+                           ["artifact", "batch", "threads", "p50 ms", "p90 ms", "p99 ms",
+                            "throughput/s", "cold start ms (session + first run)",
+                            "peak RSS MB", "accuracy", "bytes"], rows))
+    unavailable = {k: v for s in report["stages"]
+                   for k, v in s["metrics"].get("unavailable_targets", {}).items()}
+    if unavailable:
+        out.append(Section("Unavailable targets", ["target", "why"],
+                           [[k, v] for k, v in unavailable.items()]))
+    return out
+
+
+def _cold(b: dict[str, Any]) -> str:
+    c = b.get("cold_start")
+    return f"{c['session_ms']:.1f} + {c['first_run_ms']:.2f}" if c else "-"
+
+
+def verdicts(report: dict[str, Any]) -> list[str]:
+    """Per target, at its smallest batch: the fastest artifact whose accuracy is within the
+    benchmark stage's verdict_tolerance of the most accurate one, and why."""
+    tol = next((s["metrics"]["verdict_tolerance"] for s in report["stages"]
+                if "verdict_tolerance" in s["metrics"]), 0.01)
+    lines = []
+    for target in dict.fromkeys(b["target"] for b in report["benchmarks"]):
+        rows = [b for b in report["benchmarks"] if b["target"] == target]
+        bs = min(b["batch_size"] for b in rows)
+        rows = [b for b in rows if b["batch_size"] == bs]
+        best = max(b["accuracy"] for b in rows)
+        pick = min((b for b in rows if b["accuracy"] >= best - tol - 1e-12),
+                   key=lambda b: b["latency_ms"]["p50"])
+        ref = next((b for b in rows if b.get("model") == "teacher"
+                    and b.get("precision") == "fp32"), rows[0])
+        name = Path(pick["artifact"]).name
+        within = f"{100 * tol:g} point{'' if tol == 0.01 else 's'}"
+        if pick is ref:
+            lines.append(f"{target}: ship {name}: no other file is as fast within {within} "
+                         f"of the most accurate one (batch {bs}).")
+            continue
+        pace = _pace(ref["latency_ms"]["p50"] / pick["latency_ms"]["p50"])
+        points = 100 * (pick["accuracy"] - ref["accuracy"])
+        lines.append(
+            f"{target}: ship {name}: {pace} than {Path(ref['artifact']).name} at {points:+.1f} "
+            f"points, {pick['bytes'] / max(1, ref['bytes']):.2f}x its size (batch {bs}: the "
+            f"fastest file within {within} of the most accurate one).")
+    return lines
+
+
+def markdown(report: dict[str, Any]) -> str:
+    parts = [f"# compresskit report: {report['name']}", "",
+             f"compresskit {report['compresskit_version']}, pipeline `{report['pipeline']}`, "
+             f"{report['created']}, this invocation took {report['seconds']:.1f} s.", ""]
+    ship = verdicts(report)
+    if ship:
+        parts += ["## Verdict", ""] + [f"- {line}" for line in ship] + [""]
+    found = headline(report)
+    if found:
+        parts += ["## Findings", ""] + [f"- {line}" for line in found] + [""]
+    for sec in sections(report):
+        parts += [f"## {sec.title}", "", _table(sec.header, sec.rows), ""]
+        parts += [*sec.notes, ""] if sec.notes else []
     return "\n".join(parts)
 
 
 def write(run_dir: Path, report: dict[str, Any]) -> None:
+    from compresskit.html_report import html
+
     write_json(run_dir / "report.json", report)
     write_text(run_dir / "report.md", markdown(report))
+    write_text(run_dir / "report.html", html(report))

@@ -36,18 +36,22 @@ def _reset_peak() -> bool:
 
 
 def main(raw: str) -> None:
-    from compresskit.backends.ort import NP_DTYPES, session
-    from compresskit.targets import TARGETS
+    from compresskit.backends.ort import pinned, session
+    from compresskit.targets import Target
 
     args = json.loads(raw)
-    x = np.zeros(args["shape"], dtype=NP_DTYPES[args["dtype"]])
-    linux = _reset_peak() and _status_kb("VmHWM") is not None
-    base_kb = _status_kb("VmRSS") if linux else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    sess = session(args["path"], TARGETS.get(args["target"]), args["threads"])
-    name = sess.get_inputs()[0].name
-    for _ in range(args["runs"]):
-        sess.run(None, {name: x})
-    peak_kb = _status_kb("VmHWM") if linux else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    target = Target.from_json(args["target"])
+    with np.load(args["feeds"]) as data:
+        feeds = {k: data[k] for k in data.files}
+    with pinned(target):
+        linux = _reset_peak() and _status_kb("VmHWM") is not None
+        base_kb = _status_kb("VmRSS") if linux else \
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        sess = session(args["path"], target, args["threads"])
+        for _ in range(args["runs"]):
+            sess.run(None, feeds)
+        peak_kb = _status_kb("VmHWM") if linux else \
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"peak_rss_mb": max(0, (peak_kb or 0) - (base_kb or 0)) / 1024.0}))
 
 

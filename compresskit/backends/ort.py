@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +21,26 @@ import onnxruntime as ort
 from compresskit.targets import Target
 
 NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
+ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
+              "tensor(double)": np.float64, "tensor(int64)": np.int64,
+              "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
+              "tensor(bool)": np.bool_}
+LEVELS = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+          "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+          "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+          "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
+
+
+class TargetUnavailable(Exception):
+    """The target cannot run on this machine; the message says why."""
+
+
+class ModelFileError(Exception):
+    """The file is missing, or onnxruntime cannot load it as a model."""
+
+
+class FeedError(Exception):
+    """The inputs do not fit the model (shape, dtype, dynamic dimensions left open)."""
 
 
 def available(target: Target) -> tuple[bool, str]:
@@ -35,18 +60,77 @@ def session_options(target: Target, threads: int) -> ort.SessionOptions:
     so.inter_op_num_threads = 1
     so.execution_mode = (ort.ExecutionMode.ORT_SEQUENTIAL if target.sequential
                          else ort.ExecutionMode.ORT_PARALLEL)
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.graph_optimization_level = LEVELS[target.optimization]
     so.enable_cpu_mem_arena = target.arena
     so.log_severity_level = 3
     return so
 
 
-def session(path: Path | str, target: Target, threads: int) -> ort.InferenceSession:
+def to_ort_format(path: Path, folder: Path) -> Path:
+    """The model in ORT format (what onnxruntime mobile loads), written into `folder`; converted
+    with onnxruntime's own tool for a non-x86 platform, so no x86-only layout ops end up in it."""
+    from onnxruntime.tools.convert_onnx_models_to_ort import (
+        OptimizationStyle,
+        convert_onnx_models_to_ort,
+    )
+
+    if path.suffix == ".ort":
+        return path
+    out = folder / (path.stem + ".ort")
+    if out.exists() and out.stat().st_mtime >= path.stat().st_mtime:
+        return out
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        src = Path(tmp) / path.name
+        shutil.copyfile(path, src)
+        noise = io.StringIO()
+        with contextlib.redirect_stdout(noise), contextlib.redirect_stderr(noise):
+            convert_onnx_models_to_ort(src, output_dir=Path(tmp) / "out",
+                                       optimization_styles=[OptimizationStyle.Fixed],
+                                       target_platform="arm")
+        made = sorted((Path(tmp) / "out").glob("*.ort"))
+        if not made:
+            raise ModelFileError(f"onnxruntime could not convert {path.name} to ORT format: "
+                                 f"{noise.getvalue().strip().splitlines()[-1:]}")
+        os.replace(made[0], out)
+    return out
+
+
+def session(path: Path | str, target: Target, threads: int,
+            ort_folder: Path | None = None) -> ort.InferenceSession:
+    """An InferenceSession for `target` (on the ORT-format copy when the target wants one)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such file")
+    if target.ort_format and path.suffix != ".ort":
+        path = to_ort_format(path, ort_folder or path.parent)
     providers: list[Any] = list(target.providers)
     if target.provider_options:
         providers = list(zip(target.providers, target.provider_options, strict=False))
-    return ort.InferenceSession(str(path), sess_options=session_options(target, threads),
-                                providers=providers)
+    try:
+        sess = ort.InferenceSession(str(path), sess_options=session_options(target, threads),
+                                    providers=providers)
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelFileError(f"{path}: onnxruntime cannot load it as a model ({first})") from None
+    if target.providers[0] not in sess.get_providers():
+        raise TargetUnavailable(f"onnxruntime fell back to {', '.join(sess.get_providers())} "
+                                f"instead of {target.providers[0]} (no usable device)")
+    return sess
+
+
+@contextlib.contextmanager
+def pinned(target: Target) -> Iterator[None]:
+    """Pin this process to the target's number of cores while measuring, then restore."""
+    if not target.pin_cores or not hasattr(os, "sched_setaffinity"):
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, set(sorted(before)[:target.pin_cores]))
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def predict(sess: ort.InferenceSession, x: np.ndarray, batch_size: int) -> np.ndarray:
@@ -61,31 +145,105 @@ def batch_of(x: np.ndarray, batch_size: int) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate([x] * reps)[:batch_size])
 
 
-def time_interleaved(sessions: dict[str, ort.InferenceSession], feed: np.ndarray, runs: int,
-                     warmup: int) -> dict[str, list[float]]:
-    """Per-run latency (ms) of each session, run round-robin so machine noise hits all alike."""
-    names = {k: s.get_inputs()[0].name for k, s in sessions.items()}
+def synthetic_feeds(sess: ort.InferenceSession, batch_size: int,
+                    shapes: dict[str, list[int]] | None = None,
+                    seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs for a model compresskit knows nothing about: the first dimension is the batch
+    when it is dynamic; other dynamic dimensions come from `shapes` (per input name, the shape
+    without the batch). Floats are uniform in [0, 1), integers 0."""
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, np.ndarray] = {}
+    shapes = shapes or {}
+    for inp in sess.get_inputs():
+        dtype = ORT_DTYPES.get(inp.type)
+        if dtype is None:
+            raise FeedError(f"input '{inp.name}' has type {inp.type}, which bench cannot make "
+                            "data for")
+        dims = list(inp.shape)
+        given = shapes.get(inp.name)
+        if given is not None:
+            if len(given) != len(dims) - 1:
+                raise FeedError(f"--input-shape for '{inp.name}' has {len(given)} dimensions; "
+                                f"the model's input is {_shown(dims)}, so give the "
+                                f"{len(dims) - 1} after the batch")
+            dims = [dims[0], *given]
+        dims = [batch_size if i == 0 and not isinstance(d, int) else d
+                for i, d in enumerate(dims)]
+        open_dims = [i for i, d in enumerate(dims) if not isinstance(d, int) or d <= 0]
+        if open_dims:
+            raise FeedError(f"input '{inp.name}' has dynamic dimensions {_shown(inp.shape)}; "
+                            f"give them with --input-shape {inp.name}=" + ",".join(
+                                "N" for _ in dims[1:]))
+        if isinstance(inp.shape[0], int) and inp.shape[0] != batch_size:
+            raise FeedError(f"input '{inp.name}' has a fixed batch of {inp.shape[0]}; use "
+                            f"--batch-size {inp.shape[0]}")
+        feeds[inp.name] = (rng.random(dims).astype(dtype) if np.issubdtype(dtype, np.floating)
+                           else np.zeros(dims, dtype=dtype))
+    return feeds
+
+
+def _shown(dims: list[Any]) -> str:
+    return "[" + ", ".join(str(d) if isinstance(d, int) else (d or "?") for d in dims) + "]"
+
+
+def run_once(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> list[Any]:
+    """One inference; inputs the model rejects are a FeedError naming what onnxruntime said."""
+    try:
+        return sess.run(None, feeds)
+    except Exception as e:  # InvalidArgument, Fail: the model rejects these inputs
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        shapes = {k: list(v.shape) for k, v in feeds.items()}
+        raise FeedError(f"the model rejects inputs of shape {shapes}: {first}") from None
+
+
+def time_interleaved(sessions: dict[str, ort.InferenceSession],
+                     feeds: dict[str, dict[str, np.ndarray]] | np.ndarray, runs: int,
+                     warmup: int, seconds: float | None = None) -> dict[str, list[float]]:
+    """Per-run latency (ms) of each session, run round-robin so machine noise hits all alike:
+    `runs` rounds, or with `seconds`, rounds until that much time has passed (at least 10)."""
+    if isinstance(feeds, np.ndarray):
+        array = feeds
+        feeds = {k: {s.get_inputs()[0].name: array} for k, s in sessions.items()}
     for _ in range(warmup):
         for k, s in sessions.items():
-            s.run(None, {names[k]: feed})
+            s.run(None, feeds[k])
     times: dict[str, list[float]] = {k: [] for k in sessions}
-    for _ in range(runs):
+    start = time.perf_counter()
+    rounds = 0
+    while (rounds < runs) if seconds is None else \
+            (rounds < 10 or time.perf_counter() - start < seconds):
         for k, s in sessions.items():
             t0 = time.perf_counter()
-            s.run(None, {names[k]: feed})
+            s.run(None, feeds[k])
             times[k].append((time.perf_counter() - t0) * 1000.0)
+        rounds += 1
     return times
 
 
-def peak_rss_mb(path: Path, target: str, threads: int, shape: list[int], dtype: str,
+def cold_start(path: Path, target: Target, threads: int, feeds: dict[str, np.ndarray],
+               ort_folder: Path | None = None) -> tuple[ort.InferenceSession, dict[str, float]]:
+    """A new session and its first inference, each timed (what an app pays at launch)."""
+    t0 = time.perf_counter()
+    sess = session(path, target, threads, ort_folder)
+    t1 = time.perf_counter()
+    run_once(sess, feeds)
+    t2 = time.perf_counter()
+    return sess, {"session_ms": round((t1 - t0) * 1000, 3),
+                  "first_run_ms": round((t2 - t1) * 1000, 3)}
+
+
+def peak_rss_mb(path: Path, target: Target, threads: int, feeds: dict[str, np.ndarray],
                 runs: int = 20) -> float:
     """Peak RSS of loading and running the model in a fresh process, minus that process's
     footprint after importing onnxruntime, so one model's arena does not pollute the next."""
-    args = json.dumps({"path": str(path), "target": target, "threads": threads,
-                       "shape": shape, "dtype": dtype, "runs": runs})
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    out = subprocess.run([sys.executable, "-m", "compresskit.backends.memprobe", args],
-                         capture_output=True, text=True, timeout=600, env=env, check=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        inputs = Path(tmp) / "feeds.npz"
+        np.savez(inputs, **feeds)  # type: ignore[arg-type]  # numpy stubs type **kwds oddly
+        args = json.dumps({"path": str(path), "target": target.to_json(), "threads": threads,
+                           "feeds": str(inputs), "runs": runs})
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+        out = subprocess.run([sys.executable, "-m", "compresskit.backends.memprobe", args],
+                             capture_output=True, text=True, timeout=600, env=env, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"memory probe failed: {out.stderr.strip().splitlines()[-1:]}")
     return float(json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"])

@@ -8,6 +8,7 @@ import copy
 import numpy as np
 import torch
 
+from compresskit import bundle
 from compresskit.artifacts import atomic_path, sha256_file
 from compresskit.backends import ort as ort_backend
 from compresskit.backends.onnx_export import (
@@ -19,7 +20,9 @@ from compresskit.backends.onnx_export import (
 )
 from compresskit.config import ExportConfig
 from compresskit.context import StageContext, StageResult
+from compresskit.data import describe_source
 from compresskit.errors import StageError
+from compresskit.measure import eval_arrays
 from compresskit.targets import TARGETS
 
 
@@ -73,4 +76,22 @@ def run(cfg: ExportConfig, ctx: StageContext) -> StageResult:
             "bytes": path.stat().st_size, "sha256": sha256_file(path), "opset": cfg.opset,
             "input": INPUT_NAME, "output": OUTPUT_NAME,
         })
-    return StageResult(metrics={"parity": checks}, artifacts=artifacts)
+    metrics: dict[str, object] = {"parity": checks}
+    if cfg.bundle:
+        role = cfg.bundle_model or ("student" if "student" in cfg.models else cfg.models[0])
+        int8 = bundle.pick(ctx.artifacts, role) if cfg.bundle_precision == "int8" else None
+        source = int8 or next(
+            (a for a in artifacts if a["model"] == role), None)
+        if source is None:
+            raise StageError(ctx.name, f"bundle_model '{role}' was not exported; add it to "
+                                       "'models' or set bundle: false")
+        xs, ys = eval_arrays(ctx)
+        data = ctx.data()
+        records = bundle.build(ctx.run_dir, source, ctx.work_dir, xs, ys, {
+            "name": ctx.config.name, "split": data.eval_name, "labels": data.labels,
+            "preprocessing": describe_source(ctx.config.data.source)})
+        artifacts += records
+        metrics["bundle"] = {"from": source["path"], "files": [r["path"] for r in records]}
+        ctx.log(f"artifacts/bundle.zip: {source['path']} as ONNX and ORT format, operator "
+                "config, manifest.json, README.md")
+    return StageResult(metrics=metrics, artifacts=artifacts)

@@ -51,6 +51,14 @@ def test_digits_end_to_end(tmp_path):
     int8 = next(a for a in report["artifacts"] if a.get("method") == "qat+kd")
     assert int8["int8_coverage"] >= 0.95
     assert fp32[(int8["path"], 1)] >= fp32[("artifacts/student.fp32.onnx", 1)] - 0.005
+    # Per-target rows for the three files a user chooses between, and a report to read.
+    rows = {(b["target"], b["artifact"]) for b in report["benchmarks"] if b["batch_size"] == 1}
+    for target in ("cpu", "edge"):
+        for path in ("artifacts/teacher.fp32.onnx", "artifacts/student.fp32.onnx",
+                     int8["path"]):
+            assert (target, path) in rows
+    assert (tmp_path / "run" / "report.html").stat().st_size > 10_000
+    assert (tmp_path / "run" / "artifacts" / "bundle.zip").exists()
     assert report["seconds"] < 180
 
 
@@ -74,3 +82,36 @@ def test_distill_example_runs(path, tmp_path, monkeypatch):
         assert m["labels"] is False
     assert any(a["model"] == "student" for a in report["artifacts"])
     assert report["seconds"] < 120
+
+
+@pytest.mark.slow
+def test_bundle_runs_from_its_readme_in_a_clean_venv(tmp_path):
+    """The deployment bundle's README snippet runs where only onnxruntime and numpy are
+    installed (no torch, no compresskit)."""
+    import re
+    import venv
+
+    import onnxruntime as ort
+
+    cfg = {"name": "bundle", "data": {"source": "digits"}, "input": {"shape": [1, 8, 8]},
+           "student": {"source": "models/digits.py:student", "kwargs": {"width": 4}},
+           "stages": [{"type": "train", "model": "student", "epochs": 2, "lr": 0.01},
+                      {"type": "export", "models": ["student"]}]}
+    api.run(cfg, base_dir=ROOT, output_dir=tmp_path / "run", show_progress=False)
+    bundle = tmp_path / "run" / "artifacts" / "bundle"
+    snippet = re.search(r"```python\n(.*?)```", (bundle / "README.md").read_text(), re.S)
+    assert snippet is not None
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=True).create(env_dir)
+    python = env_dir / "bin" / "python"
+    install = subprocess.run([str(python), "-m", "pip", "install", "-q",
+                              f"onnxruntime=={ort.__version__}", "numpy"],
+                             capture_output=True, text=True, timeout=600)
+    assert install.returncode == 0, install.stderr[-2000:]
+    listed = subprocess.run([str(python), "-m", "pip", "list", "--format=freeze"],
+                            capture_output=True, text=True).stdout.lower()
+    assert "torch" not in listed and "compresskit" not in listed
+    result = subprocess.run([str(python), "-c", snippet.group(1)], cwd=bundle,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(r"predicted: \d\n", result.stdout), result.stdout
