@@ -133,9 +133,16 @@ def build(run_dir: Path, source: dict[str, Any], work: Path, x: np.ndarray, y: n
     manifest["files"] = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                          for p in sorted(staged.iterdir())}
     write_json(staged / "manifest.json", manifest)
+    # Replaced by renames, so an interrupted stage leaves the old bundle or the new one whole.
     final = run_dir / "artifacts" / "bundle"
-    shutil.rmtree(final, ignore_errors=True)
-    shutil.copytree(staged, final)
+    fresh, old = final.with_name(".bundle.new"), final.with_name(".bundle.old")
+    for leftover in (fresh, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    shutil.copytree(staged, fresh)
+    if final.exists():
+        final.rename(old)
+    fresh.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
     archive = io.BytesIO()
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
         for p in sorted(final.iterdir()):

@@ -245,7 +245,8 @@ def schema() -> None:
 
 
 @app.command(name="ls")
-def list_things() -> None:
+def list_things(what: str = typer.Argument(
+        "", help="Only one list: stages, data or targets.")) -> None:
     """List stage types, built-in data sources and benchmark targets."""
     from compresskit.config import STAGE_CONFIGS
     from compresskit.data import DATASETS
@@ -255,11 +256,17 @@ def list_things() -> None:
         text = " ".join((doc or "").split())
         return text.split(". ")[0].split(": ")[0].rstrip(".") + "."
 
-    for title, items in (
-        ("stages", [(k, first_sentence(v.__doc__)) for k, v in STAGE_CONFIGS.items()]),
-        ("data sources", [(k, first_sentence(f.__doc__)) for k, f in DATASETS.items()]),
-        ("targets", [(k, t.description) for k, t in TARGETS.items()]),
-    ):
+    lists = {
+        "stages": [(k, first_sentence(v.__doc__)) for k, v in STAGE_CONFIGS.items()],
+        "data sources": [(k, first_sentence(f.__doc__)) for k, f in DATASETS.items()],
+        "targets": [(k, t.description) for k, t in TARGETS.items()],
+    }
+    if what:
+        picked = [k for k in lists if k.startswith(what.lower())]
+        if not picked:
+            _bad_input(f"nothing to list called '{what}'; try stages, data or targets")
+        lists = {k: lists[k] for k in picked}
+    for title, items in lists.items():
         t = Table(title=title, title_justify="left", show_header=False)
         t.add_column("name", style="bold")
         t.add_column("description")

@@ -83,3 +83,23 @@ def compare(before: dict[str, Any], after: dict[str, Any], speedup: float) -> di
     elif latency_cut < -0.03:
         out["warnings"].append(f"latency rose by {-100 * latency_cut:.0f}% (batch 1, one thread)")
     return out
+
+
+def snapshot(model: nn.Module, ctx: StageContext, runs: int = 50) -> dict[str, Any] | None:
+    """What a training stage's result measures as an ONNX file (MACs, FP32 bytes, batch-1
+    one-thread p50), for the report's per-stage table; None when it cannot be exported here
+    (the export stage then says why) or on ranks other than 0."""
+    from compresskit import distributed as dist
+    from compresskit.backends.onnx_export import ExportError
+
+    if not dist.is_main():
+        return None
+    x, y = eval_arrays(ctx)
+    path = ctx.work_dir / "measured.fp32.onnx"
+    try:
+        found = profile(model, path, x, y)
+    except ExportError:
+        return None
+    found["latency_ms"] = latency({"model": path}, x, runs)["p50_ms"]["model"]
+    path.unlink(missing_ok=True)
+    return {k: found[k] for k in ("macs", "onnx_bytes", "latency_ms")}

@@ -169,9 +169,14 @@ class Section:
 
 
 def sections(report: dict[str, Any]) -> list[Section]:
-    out = [Section("Stages", ["stage", "status", "seconds", "params", "accuracy"], [
+    out = [Section("Stages", ["stage", "status", "seconds", "params", "MACs", "ONNX KiB",
+                              "batch-1 ms, 1 thread", "accuracy"], [
         [f"{s['index']:02d}-{s['type']}", s["status"], _fmt(s["seconds"], 1), _fmt(s["params"]),
-         _fmt(s["metrics"].get("accuracy"))] for s in report["stages"]])]
+         *_measured(s["metrics"]), _fmt(s["metrics"].get("accuracy"))]
+        for s in report["stages"]],
+        ["MACs, size and latency of each stage's result, measured on an ONNX export of it "
+         "(FP32; for qat and ptq the INT8 file) with onnxruntime, batch 1, one thread; "
+         "per-target figures of the final files are in the tables below."])]
     teacher_rows = distill_rows(report)
     if teacher_rows:
         sweeps = [f"Temperature sweep ({s['name']}): validation accuracy " + ", ".join(
@@ -227,6 +232,17 @@ def sections(report: dict[str, Any]) -> list[Section]:
         out.append(Section("Unavailable targets", ["target", "why"],
                            [[k, v] for k, v in unavailable.items()]))
     return out
+
+
+def _measured(m: dict[str, Any]) -> list[str]:
+    after = m.get("after") or m.get("measured")
+    if isinstance(after, dict):
+        return [_fmt(after.get("macs")), _fmt(after["onnx_bytes"] / 1024, 1),
+                _fmt(after.get("latency_ms"), 3)]
+    if "int8_bytes" in m:
+        latency = m.get("latency_ms", {})
+        return ["-", _fmt(m["int8_bytes"] / 1024, 1), _fmt(latency.get("int8"), 3)]
+    return ["-", "-", "-"]
 
 
 def _cold(b: dict[str, Any]) -> str:

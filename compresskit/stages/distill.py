@@ -20,6 +20,7 @@ from compresskit.context import StageContext, StageResult
 from compresskit.diagnostics import capacity_warning, diagnostics
 from compresskit.errors import ConfigError, Problem, StageError
 from compresskit.loader import format_path
+from compresskit.measure import snapshot
 from compresskit.modelio import count_params, example_input
 from compresskit.objective import Distiller, Objective, Teacher, problems, requested_modules
 from compresskit.ops import kd
@@ -54,7 +55,7 @@ def run(cfg: DistillConfig, ctx: StageContext) -> StageResult:
         metrics["ema_accuracy"] = _ema(cfg, ctx, student)
     bs = ctx.config.data.eval_batch_size
     metrics.update({"accuracy": evaluate(student, data.eval, bs, ctx.device),
-                    "eval_split": data.eval_name})
+                    "eval_split": data.eval_name, "measured": snapshot(student, ctx)})
     if cfg.baseline:
         metrics["baseline_accuracy"] = _baseline(cfg, ctx, initial, cfg.epochs)
         metrics["gain_over_baseline"] = metrics["accuracy"] - metrics["baseline_accuracy"]
@@ -103,7 +104,7 @@ def _train(cfg: DistillConfig, ctx: StageContext, student: nn.Module, source: Te
                    eval_batch_size=ctx.config.data.eval_batch_size,
                    resume=ctx.work_dir / f"{tag}.resume.pt", after_step=after)
     except Diverged as e:
-        raise StageError(ctx.name, f"{tag}: {e}") from None
+        raise StageError(ctx.name, str(e) if tag == "student" else f"{tag}: {e}") from None
     finally:
         objective.close()
 
@@ -241,6 +242,7 @@ def _mutual(cfg: DistillConfig, ctx: StageContext) -> StageResult:
         "peer_accuracy": {n: evaluate(m, data.eval, bs, ctx.device) for n, m in peers.items()},
         "ensemble_accuracy": evaluate(cohort, data.eval, bs, ctx.device)}
     metrics["accuracy"] = metrics["peer_accuracy"][main]
+    metrics["measured"] = snapshot(peers[main], ctx)
     if cfg.baseline:
         metrics["baseline_accuracy"] = _baseline(cfg, ctx, initial, cfg.epochs)
         metrics["gain_over_baseline"] = metrics["accuracy"] - metrics["baseline_accuracy"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from compresskit.config import TrainConfig
 from compresskit.context import StageContext, StageResult
 from compresskit.errors import ConfigError, Problem, StageError
+from compresskit.measure import snapshot
 from compresskit.modelio import count_params
 from compresskit.training import Diverged, cross_entropy_step, evaluate, fit, has_labels
 
@@ -28,5 +29,6 @@ def run(cfg: TrainConfig, ctx: StageContext) -> StageResult:
     ctx.log(f"{cfg.model} accuracy on {data.eval_name}: {acc:.4f}")
     return StageResult(
         metrics={"accuracy": acc, "model": cfg.model, "eval_split": data.eval_name,
-                 "val_accuracy": history["val_accuracy"][-1], "final_loss": history["loss"][-1]},
+                 "val_accuracy": history["val_accuracy"][-1], "final_loss": history["loss"][-1],
+                 "measured": snapshot(model, ctx)},
         updated={cfg.model: model}, params=count_params(model))

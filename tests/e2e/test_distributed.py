@@ -27,7 +27,7 @@ def test_two_processes_write_one_report_and_one_set_of_artifacts(tiny_pipeline, 
     report = json.loads((tmp_path / "ddp" / "report.json").read_text())
     assert [s["status"] for s in report["stages"]] == ["done"] * 4
     assert sorted(p.name for p in (tmp_path / "ddp" / "artifacts").iterdir()) == [
-        "student.fp32.onnx", "teacher.fp32.onnx"]
+        "bundle", "bundle.zip", "student.fp32.onnx", "teacher.fp32.onnx"]
     assert result.stdout.count("report:") == 1  # rank 0 alone speaks
     assert result.stderr.count("00-train: running") == 1
     # cached on the next distributed run, but not reused by a single-process run
