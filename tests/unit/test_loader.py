@@ -18,7 +18,7 @@ def problems(path, overrides=()):
 def test_valid_pipeline_loads(tiny_pipeline):
     loaded = load_pipeline(tiny_pipeline)
     assert [s.type for s in loaded.config.stages] == ["train", "distill", "export", "benchmark"]
-    assert loaded.config.stages[1].temperature == 4.0  # default from config.py
+    assert loaded.config.stages[1].temperature == 4.0  # default from compresskit.config
 
 
 def test_typo_names_key_line_and_suggestion(write_pipeline):

@@ -1,0 +1,173 @@
+"""Building blocks of the schema: strict models, the data, input and model sections, what
+every stage shares, the optimiser options, the teacher-cache options and user targets."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+ModelRole = Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]
+"""A model by name: 'teacher', 'student', or one defined under the pipeline's `models:`."""
+
+
+class Strict(BaseModel):
+    """Unknown keys are errors, never silently ignored values."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class DataConfig(Strict):
+    """Where the training and evaluation data come from."""
+
+    source: str = Field(
+        "digits",
+        description=(
+            "A built-in data source (see `compresskit ls`), or a factory given as "
+            "'path/to/file.py:callable' or 'package.module:callable'. The factory is called with "
+            "`kwargs` and returns a mapping with 'train' and 'val' (and optionally 'test') "
+            "entries, each a torch Dataset of (input, label) pairs. Evaluation uses 'test' when "
+            "present, else 'val'."
+        ),
+    )
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments passed to the data source."
+    )
+    batch_size: int = Field(64, ge=1, description="Training batch size.")
+    eval_batch_size: int = Field(256, ge=1, description="Batch size for evaluation passes.")
+
+
+class InputConfig(Strict):
+    """The model's input, as one sample without the batch dimension."""
+
+    shape: list[Annotated[int, Field(ge=1)]] = Field(
+        ..., min_length=1, description="Shape of one sample, without the batch dimension."
+    )
+    dtype: Literal["float32", "float16", "int64", "int32"] = Field(
+        "float32", description="Element type of the input tensor."
+    )
+
+
+class ModelConfig(Strict):
+    """A model: a callable returning a torch.nn.Module, and optionally its weights."""
+
+    source: str = Field(
+        ...,
+        description=(
+            "A callable returning a torch.nn.Module: 'path/to/file.py:callable' (relative to the "
+            "pipeline file's folder, then the working directory) or 'package.module:callable'."
+        ),
+    )
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments passed to the callable."
+    )
+    checkpoint: str | None = Field(
+        None,
+        description=(
+            "Optional state_dict file (.pt/.pth, loaded with torch.load(weights_only=True)) "
+            "loaded into the model before the first stage."
+        ),
+    )
+
+
+class StageBase(Strict):
+    """Fields and ordering rules shared by every stage."""
+
+    changes_model: ClassVar[bool] = False
+    """A stage that changes weights or structure; none may follow `export`."""
+    needs_before: ClassVar[tuple[str, ...]] = ()
+    """Stage types of which at least one must come earlier in the pipeline."""
+    uses_models: ClassVar[tuple[str, ...]] = ()
+    """Top-level model sections (teacher/student) this stage needs."""
+    reads_artifacts: ClassVar[bool] = False
+    """Whether the stage reads files written by earlier stages (so it reruns when they change)."""
+    quantizes: ClassVar[bool] = False
+    """A stage that quantizes the model as it stands; nothing may change the model after it."""
+
+    @property
+    def models_needed(self) -> tuple[str, ...]:
+        return self.uses_models
+
+    @property
+    def produces(self) -> tuple[str, ...]:
+        """Model roles this stage creates, so later stages may use them without a section."""
+        return ()
+
+
+class OptimOptions(StageBase):
+    """Optimiser and schedule options shared by the stages that train or fine-tune."""
+
+    lr: float = Field(3e-3, gt=0, le=10, description="Peak learning rate.")
+    optimizer: Literal["adamw", "adam", "sgd"] = Field(
+        "adamw", description="Optimiser; sgd uses Nesterov momentum 0.9."
+    )
+    weight_decay: float = Field(1e-4, ge=0, description="Decoupled weight decay (L2 for sgd).")
+    schedule: Literal["cosine", "constant"] = Field(
+        "cosine", description="Learning-rate schedule over all steps of the stage."
+    )
+    checkpoint_every: int = Field(
+        1, ge=0,
+        description=(
+            "Save a resumable training checkpoint every N epochs (0: only at the end), so an "
+            "interrupted run resumes inside the stage."
+        ),
+    )
+
+    def options(self, epochs: int) -> TrainingOptions:
+        """These options for one run of the training loop of `epochs` epochs."""
+        fields = OptimOptions.model_fields
+        return TrainingOptions(epochs=max(1, epochs),
+                               **{k: getattr(self, k) for k in fields})
+
+
+class TrainingOptions(OptimOptions):
+    """What the training loop runs with: the optimiser options and a number of epochs."""
+
+    changes_model: ClassVar[bool] = True
+
+    epochs: int = Field(10, ge=1, description="Passes over the training split.")
+
+
+
+class TeacherCacheOptions(StageBase):
+    """Where the teacher's outputs on the training split come from."""
+
+    cache_teacher: bool | Literal["auto"] = Field(
+        "auto",
+        description=(
+            "Compute the teacher's outputs (logits and requested features) once per training "
+            "split into memory-mapped files under <run>/cache, keyed by the teacher's weights, "
+            "the data and the output, and reuse them in every epoch, stage and rerun. 'auto': "
+            "on unless the training split is randomly augmented (the same index gives "
+            "different inputs), when cached outputs would not match what the student sees."
+        ),
+    )
+    cache_precision: Literal["float32", "float16"] = Field(
+        "float32", description="Precision the cached teacher outputs are stored at."
+    )
+
+
+class TargetConfig(Strict):
+    """A target of your own: how onnxruntime should run the model on your device."""
+
+    description: str = Field("a target defined in the pipeline file",
+                             description="One line shown in reports.")
+    providers: list[str] = Field(
+        default_factory=lambda: ["CPUExecutionProvider"], min_length=1,
+        description="onnxruntime execution providers, in order of preference.",
+    )
+    provider_options: list[dict[str, str]] = Field(
+        default_factory=list, description="Options per provider, in the same order."
+    )
+    threads: int | None = Field(None, ge=1, description="Intra-op threads (null: all cores).")
+    sequential: bool = Field(True, description="Sequential executor (false: parallel).")
+    arena: bool = Field(True, description="onnxruntime's CPU memory arena.")
+    optimization: Literal["all", "extended", "basic", "disable"] = Field(
+        "all", description="Graph optimisation level."
+    )
+    pin_cores: int | None = Field(
+        None, ge=1, description="Pin the measuring process to this many cores."
+    )
+    ort_format: bool = Field(False, description="Run the model converted to ORT format.")
+

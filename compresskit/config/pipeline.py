@@ -1,0 +1,129 @@
+"""The whole pipeline file, and the cross-stage rules checked before any heavy work."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
+
+from compresskit.config.base import (
+    NAME_PATTERN,
+    DataConfig,
+    InputConfig,
+    ModelConfig,
+    StageBase,
+    Strict,
+    TargetConfig,
+)
+from compresskit.config.distill import DistillConfig
+from compresskit.config.stages import LowRankConfig, PruneConfig, StageConfig
+
+
+class PipelineConfig(Strict):
+    """A compresskit pipeline: data, models, and the stages that turn a teacher into a student."""
+
+    name: str = Field(
+        ...,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        max_length=100,
+        description="Run name; the run folder defaults to runs/<name>.",
+    )
+    seed: int = Field(0, ge=0, description="Seed for initialisation, shuffling and sampling.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where training runs; auto picks cuda when a GPU is present."
+    )
+    data: DataConfig = Field(default_factory=lambda: DataConfig(),
+                             description="Data source and batching.")
+    input: InputConfig = Field(..., description="The model input, one sample.")
+    teacher: ModelConfig | None = Field(None, description="The large, accurate model.")
+    student: ModelConfig | None = Field(None, description="The small model to ship.")
+    models: dict[Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)], ModelConfig] = Field(
+        default_factory=dict,
+        description=(
+            "More models by name (letters, digits, '_'), for stages that take a model name: "
+            "extra teachers of a multi-teacher distill, peers of mutual distillation. "
+            "'teacher' and 'student' are the sections above."
+        ),
+    )
+
+    def model_sections(self) -> dict[str, tuple[tuple[str, ...], ModelConfig]]:
+        """Every configured model by name, with the key path of its section."""
+        out: dict[str, tuple[tuple[str, ...], ModelConfig]] = {}
+        for role in ("teacher", "student"):
+            section = getattr(self, role)
+            if section is not None:
+                out[role] = ((role,), section)
+        for name, section in self.models.items():
+            out.setdefault(name, (("models", name), section))
+        return out
+    targets: dict[Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)], TargetConfig] = \
+        Field(default_factory=dict,
+              description="Targets of your own, by name, usable in benchmark stages beside the "
+                          "built-in ones (see `compresskit ls`).")
+    stages: list[StageConfig] = Field(..., min_length=1, description="Stages, run in order.")
+
+
+def _key_naming(stage: StageBase, role: str) -> tuple[Any, ...]:
+    """The stage key that names model `role`, for locating a problem with it."""
+    for key in type(stage).model_fields:
+        value = getattr(stage, key)
+        if value == role:
+            return (key,)
+        if isinstance(value, list):
+            for j, item in enumerate(value):
+                if item == role or getattr(item, "model", None) == role:
+                    return (key, j)
+    return ("type",)
+
+
+def order_problems(cfg: PipelineConfig) -> list[tuple[tuple[Any, ...], str]]:
+    """Stage-order and cross-section rules, as (path, message) pairs; empty when all hold."""
+    problems: list[tuple[tuple[Any, ...], str]] = []
+    seen: list[str] = []
+    exported = quantized = False
+    available = set(cfg.model_sections())
+    for name in cfg.models:
+        if name in ("teacher", "student"):
+            problems.append((("models", name), f"'{name}' is a top-level section; define it "
+                             f"as '{name}:' rather than under 'models:'"))
+    for i, stage in enumerate(cfg.stages):
+        path = ("stages", i, "type")
+        if exported and stage.changes_model:
+            problems.append(
+                (path, f"'{stage.type}' changes the model, so it cannot come after 'export'; "
+                 "move it before the export stage")
+            )
+        elif quantized and stage.changes_model:
+            problems.append(
+                (path, f"'{stage.type}' changes the model, so it cannot come after a "
+                 "quantization stage, which quantizes the model as it stands; move it before")
+            )
+        if stage.needs_before and not any(t in seen for t in stage.needs_before):
+            need = " or ".join(f"'{t}'" for t in stage.needs_before)
+            problems.append((path, f"'{stage.type}' needs a {need} stage before it"))
+        for role in stage.models_needed:
+            if role not in available:
+                where = f"'{role}:' section" if role in ("teacher", "student") else \
+                    f"model '{role}' under 'models:'"
+                close = difflib.get_close_matches(role, sorted(available), n=1, cutoff=0.6)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                problems.append(
+                    (("stages", i, *_key_naming(stage, role)),
+                     f"'{stage.type}' uses the {role}{hint}, but the pipeline has no "
+                     f"{where}; add one with a 'source:'")
+                )
+        if isinstance(stage, DistillConfig):
+            problems += [(("stages", i, *key), msg) for key, msg in stage.mode_problems()]
+        if isinstance(stage, PruneConfig) and sum(
+                v is not None for v in (stage.ratio, stage.target_macs, stage.target_params)) > 1:
+            problems.append((("stages", i), "give one of 'ratio', 'target_macs' and "
+                             "'target_params', not several"))
+        if isinstance(stage, LowRankConfig) and stage.energy is not None \
+                and stage.rank_ratio is not None:
+            problems.append((("stages", i), "give 'energy' or 'rank_ratio', not both"))
+        available.update(stage.produces)
+        exported = exported or stage.type == "export"
+        quantized = quantized or stage.quantizes
+        seen.append(stage.type)
+    return problems

@@ -1,0 +1,375 @@
+"""The other stage types, and the union the `stages:` list validates against."""
+
+from __future__ import annotations
+
+from typing import Annotated, ClassVar, Literal, Union
+
+from pydantic import ConfigDict, Field
+
+from compresskit.config.base import (
+    ModelRole,
+    OptimOptions,
+    StageBase,
+    TeacherCacheOptions,
+    TrainingOptions,
+)
+from compresskit.config.distill import DistillConfig
+
+
+class TrainConfig(TrainingOptions):
+    """Cross-entropy training of the teacher or the student."""
+
+    type: Literal["train"]
+    model: ModelRole = Field("student", description="Which model to train.")
+
+    @property
+    def models_needed(self) -> tuple[str, ...]:
+        return (self.model,)
+
+
+
+StartFrom = Literal["student", "teacher"]
+
+
+class CompressOptions(OptimOptions, TeacherCacheOptions):
+    """Options shared by the stages that shrink a model's structure (prune, lowrank): which
+    model, which layers stay whole, recovery by distillation, and how the change is measured."""
+
+    changes_model: ClassVar[bool] = True
+
+    start_from: StartFrom = Field(
+        "student",
+        description=(
+            "Model to compress; the result is always the student. 'teacher' makes the student "
+            "a compressed copy of the teacher (the usual way to shrink a trained model), and the "
+            "pipeline then needs no 'student:' section."
+        ),
+    )
+    ignore: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Module names kept whole, as glob patterns (e.g. 'features.0.*', 'classifier'); "
+            "names are those of model.named_modules()."
+        ),
+    )
+    recover: int = Field(
+        2, ge=0,
+        description=(
+            "Epochs of distillation from the teacher after the change (after each step when "
+            "pruning iteratively); cross-entropy when the pipeline has no teacher; 0 skips it."
+        ),
+    )
+    lr: float = Field(1e-3, gt=0, le=10, description="Peak learning rate of recovery.")
+    temperature: float = Field(4.0, gt=0, le=100, description="KD softmax temperature T.")
+    alpha: float = Field(
+        0.9, ge=0, le=1, description="Weight of the KD term in recovery; 1 - alpha weighs CE."
+    )
+    latency_runs: int = Field(
+        100, ge=10,
+        description=(
+            "Interleaved onnxruntime runs (batch 1, one thread) timing the model before and "
+            "after the change."
+        ),
+    )
+
+    @property
+    def models_needed(self) -> tuple[str, ...]:
+        teacher: tuple[str, ...] = ("teacher",) if self.recover or self.start_from == "teacher" \
+            else ()
+        return tuple(dict.fromkeys((self.start_from, *teacher)))
+
+    @property
+    def produces(self) -> tuple[str, ...]:
+        return ("student",)
+
+
+class PruneConfig(CompressOptions):
+    """Structured pruning with torch-pruning's dependency graph: whole channels, filters, neurons
+    and attention heads are removed, so residual adds, concatenations, depthwise convolutions and
+    normalisation layers stay consistent. The first and last layers are kept whole."""
+
+    type: Literal["prune"]
+
+    ratio: float | None = Field(
+        None, gt=0, lt=1,
+        description="Fraction of the channels of each prunable group removed (default 0.5 "
+                    "unless target_macs or target_params is set).",
+    )
+    target_macs: float | None = Field(
+        None, gt=0, lt=1,
+        description="Prune until the model keeps this fraction of its MACs (e.g. 0.5).",
+    )
+    target_params: float | None = Field(
+        None, gt=0, lt=1,
+        description="Prune until the model keeps this fraction of its parameters.",
+    )
+    importance: Literal["l1", "l2", "taylor", "lamp", "bn_scale", "fpgm"] = Field(
+        "l2",
+        description=(
+            "How channels are ranked: weight magnitude (l1, l2), first-order Taylor (gradient x "
+            "weight on training batches), LAMP, BatchNorm scale, or FPGM (geometric median)."
+        ),
+    )
+    global_ranking: bool = Field(
+        False, alias="global",
+        description="Rank channels across all layers (layers lose unequal shares) instead of "
+                    "per layer.",
+    )
+    max_layer_ratio: float = Field(
+        0.9, gt=0, lt=1,
+        description="With global ranking, the most any one layer may lose.",
+    )
+    steps: int = Field(
+        1, ge=1, le=100,
+        description="Iterative pruning: remove the amount in this many slices, recovering "
+                    "after each.",
+    )
+    round_to: int | None = Field(
+        None, ge=1,
+        description="Keep channel counts multiples of N (8 suits most CPU kernels).",
+    )
+    heads: bool = Field(
+        True,
+        description=(
+            "Remove whole attention heads (at the same ratio) in modules that have a "
+            "'num_heads' attribute and q/k/v (or qkv) Linear children, and in "
+            "nn.MultiheadAttention."
+        ),
+    )
+    calibration_batches: int = Field(
+        4, ge=1, description="Training batches whose gradients rank channels for 'taylor'."
+    )
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    def amount(self) -> tuple[str, float]:
+        """('ratio'|'target_macs'|'target_params', value): what the user asked to remove."""
+        for key in ("target_macs", "target_params"):
+            if getattr(self, key) is not None:
+                return key, getattr(self, key)
+        return "ratio", 0.5 if self.ratio is None else self.ratio
+
+
+class LowRankConfig(CompressOptions):
+    """Truncated-SVD factorisation: a Linear becomes two of rank r; a k x k Conv2d becomes a k x k
+    convolution with r output channels followed by a 1 x 1 convolution. Grouped and depthwise
+    convolutions are left alone."""
+
+    type: Literal["lowrank"]
+
+    energy: float | None = Field(
+        None, gt=0, le=1,
+        description=(
+            "Per layer, the smallest rank whose singular values hold this fraction of the "
+            "squared spectrum (default 0.9 unless rank_ratio is set)."
+        ),
+    )
+    rank_ratio: float | None = Field(
+        None, gt=0, le=1, description="Rank as a fraction of min(out, in) of each layer."
+    )
+    min_reduction: float = Field(
+        0.25, ge=0, lt=1,
+        description="Factorise a layer only when that cuts its MACs by at least this fraction.",
+    )
+    round_to: int | None = Field(
+        None, ge=1, description="Round each rank up to a multiple of N."
+    )
+    layers: list[Literal["linear", "conv"]] = Field(
+        default_factory=lambda: list[Literal["linear", "conv"]](("linear", "conv")),
+        min_length=1,
+        description="Layer kinds to factorise.",
+    )
+
+
+class Int8Options(StageBase):
+    """What every INT8 stage checks before it writes its artifact."""
+
+    min_int8_coverage: float = Field(
+        0.9, ge=0, le=1,
+        description=(
+            "Fail unless at least this share of the Conv/Gemm/MatMul MACs with constant weights "
+            "runs in onnxruntime integer kernels after graph optimisation."
+        ),
+    )
+    calibration_samples: int = Field(
+        512, ge=1, description="Training samples that calibrate activation ranges."
+    )
+    reduce_range: bool = Field(
+        True,
+        description=(
+            "7-bit weights, so uint8 x int8 products cannot saturate on x86 CPUs without VNNI "
+            "(AVX2); onnxruntime's INT8 on such CPUs is otherwise wrong, not just slow."
+        ),
+    )
+    per_channel: bool = Field(True, description="One weight scale per output channel.")
+
+
+class QatConfig(Int8Options, OptimOptions, TeacherCacheOptions):
+    """Quantization-aware training with NNCF: BatchNorm folded into its convolution, fake
+    quantizers inserted (calibrated on training data), fine-tuned with the distillation loss
+    from the teacher, stripped, and written as INT8 ONNX (QDQ, int8 weights) that is checked
+    for parity with the fake-quantized torch model. The FP32 student is left as it was, so
+    `export` still writes it for comparison; nothing may change the model after `qat`."""
+
+    type: Literal["qat"]
+    quantizes: ClassVar[bool] = True
+
+    model: ModelRole = Field(
+        "student",
+        description="Which model to quantize. With 'teacher' and distill: true, the FP32 teacher "
+                    "teaches its own quantized copy.",
+    )
+    epochs: int = Field(2, ge=0, description="Fine-tuning epochs with quantizers in place.")
+    lr: float = Field(1e-4, gt=0, le=1, description="Fine-tuning learning rate (keep it small).")
+    optimizer: Literal["adamw", "adam", "sgd"] = Field("adam", description="Optimiser.")
+    weight_decay: float = Field(0.0, ge=0, description="Weight decay.")
+    distill: bool = Field(
+        True, description="Fine-tune with KD from the teacher; false: cross-entropy alone."
+    )
+    temperature: float = Field(4.0, gt=0, le=100, description="KD softmax temperature T.")
+    alpha: float = Field(0.9, ge=0, le=1, description="Weight of the KD term.")
+    preset: Literal["performance", "mixed"] = Field(
+        "performance",
+        description="NNCF preset: symmetric quantizers everywhere, or asymmetric activations.",
+    )
+    ignore: list[str] = Field(
+        default_factory=list,
+        description="Module names (glob patterns) kept in float.",
+    )
+    logit_tol: float = Field(
+        0.05, gt=0,
+        description=(
+            "Largest |onnxruntime - torch fake-quant| logit difference accepted, as a fraction "
+            "of the range of the torch logits on the evaluation split."
+        ),
+    )
+    min_agreement: float = Field(
+        0.97, ge=0, le=1,
+        description=(
+            "Smallest top-1 agreement of onnxruntime with the fake-quantized torch model on the "
+            "evaluation split. The two round activations slightly differently, so near-ties can "
+            "flip; logit_tol is the tight check, this one a floor."
+        ),
+    )
+    opset: int = Field(17, ge=13, le=21, description="ONNX opset version.")
+
+    @property
+    def models_needed(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys((self.model, "teacher"))) if self.distill else (self.model,)
+
+    def artifact(self) -> str:
+        return f"artifacts/{self.model}.qat{'' if self.distill else '-ce'}.int8.onnx"
+
+
+
+class PtqConfig(Int8Options):
+    """Post-training static quantization of the exported FP32 student ONNX with onnxruntime
+    (QDQ, uint8 activations, int8 weights), for models that cannot be retrained; also the
+    baseline QAT is compared with."""
+
+    type: Literal["ptq"]
+    needs_before: ClassVar[tuple[str, ...]] = ("export",)
+    reads_artifacts: ClassVar[bool] = True
+    quantizes: ClassVar[bool] = True
+
+    model: ModelRole = Field("student", description="Which exported model to quantize.")
+
+
+class ExportConfig(StageBase):
+    """FP32 ONNX export with a dynamic batch axis, checked by onnx.checker and for parity,
+    and the deployment bundle."""
+
+    type: Literal["export"]
+    reads_artifacts: ClassVar[bool] = True
+    """The bundle takes the INT8 file an earlier stage wrote."""
+
+    models: list[ModelRole] = Field(
+        default_factory=lambda: list[ModelRole](("teacher", "student")),
+        min_length=1,
+        description="Models to export; each becomes artifacts/<model>.fp32.onnx.",
+    )
+    opset: int = Field(17, ge=13, le=21, description="ONNX opset version.")
+    parity_samples: int = Field(
+        512, ge=1, description="Evaluation samples run through torch and onnxruntime for parity."
+    )
+    atol: float = Field(1e-4, gt=0, description="Absolute tolerance of the parity check.")
+    rtol: float = Field(1e-3, ge=0, description="Relative tolerance of the parity check.")
+    bundle: bool = Field(
+        True,
+        description=(
+            "Also write artifacts/bundle/ and artifacts/bundle.zip for a mobile or edge app: "
+            "the model (its INT8 file when a qat or earlier ptq stage made one, else FP32) as "
+            "ONNX and in ORT format, the reduced operator config, manifest.json and a README."
+        ),
+    )
+    bundle_model: ModelRole | None = Field(
+        None, description="Model to bundle (default: the student when exported, else the first)."
+    )
+    bundle_precision: Literal["int8", "fp32"] = Field(
+        "int8",
+        description="int8: the model's INT8 file when an earlier stage made one (QAT+KD first), "
+                    "else FP32; fp32: always the FP32 export.",
+    )
+
+    @property
+    def models_needed(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(self.models))
+
+
+class BenchmarkConfig(StageBase):
+    """Latency, throughput, peak memory and accuracy of every exported artifact, via onnxruntime."""
+
+    type: Literal["benchmark"]
+    needs_before: ClassVar[tuple[str, ...]] = ("export",)
+    reads_artifacts: ClassVar[bool] = True
+
+    targets: list[str] = Field(
+        default_factory=lambda: ["cpu"],
+        min_length=1,
+        description="Target profiles to measure on (see `compresskit ls`).",
+    )
+    batch_sizes: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [1], min_length=1, description="Batch sizes to time."
+    )
+    runs: int = Field(
+        200, ge=10, description="Timed runs per artifact and batch size (after warm-up)."
+    )
+    seconds: float | None = Field(
+        None, gt=0,
+        description="Time for this many seconds (at least 10 rounds) instead of `runs` rounds.",
+    )
+    warmup: int = Field(20, ge=0, description="Untimed runs before timing.")
+    threads: int | None = Field(
+        None, ge=1, description="Intra-op threads; null uses the target's own setting."
+    )
+    memory: bool = Field(
+        True,
+        description="Measure peak RSS of each artifact in a fresh child process.",
+    )
+    verdict_tolerance: float = Field(
+        0.01, ge=0, le=1,
+        description=(
+            "The report's verdict per target names the fastest artifact whose accuracy is within "
+            "this much (0.01: one point) of the most accurate one."
+        ),
+    )
+
+
+StageConfig = Annotated[
+    Union[TrainConfig, DistillConfig, PruneConfig, LowRankConfig, QatConfig,  # noqa: UP007
+          ExportConfig, PtqConfig, BenchmarkConfig],
+    Field(discriminator="type"),
+]
+
+STAGE_CONFIGS: dict[str, type[StageBase]] = {
+    "train": TrainConfig,
+    "distill": DistillConfig,
+    "prune": PruneConfig,
+    "lowrank": LowRankConfig,
+    "qat": QatConfig,
+    "export": ExportConfig,
+    "ptq": PtqConfig,
+    "benchmark": BenchmarkConfig,
+}
+
+
