@@ -84,7 +84,7 @@ def run(pipeline: str | Path | dict[str, Any] | LoadedPipeline,
             dist.shutdown()
             if runner.records:
                 report = report_mod.build(cfg.name, runner.records, time.perf_counter() - start,
-                                          str(loaded.path))
+                                          str(loaded.path), cfg.task)
                 write_text(run_dir / "resolved.yaml",
                            yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
                 report_mod.write(run_dir, report)

@@ -26,7 +26,7 @@ PREFERENCE = ("qat+kd", "qat", "ptq")
 README = """# {name}: deployment bundle
 
 Made by compresskit {version} from `{source}` ({precision}{method}). Measured on the machine that
-built it: accuracy {accuracy} on the {split} split, batch-1 p50 latency {latency} ms on the
+built it: {metric} {accuracy} on the {split} split, batch-1 p50 latency {latency} ms on the
 `edge` target (one thread, ORT format).
 
 | file | what it is |
@@ -78,7 +78,7 @@ def build(run_dir: Path, source: dict[str, Any], work: Path, x: np.ndarray, y: n
     import onnxruntime as ort
     from onnxruntime.tools.ort_format_model.utils import create_config_from_models
 
-    from compresskit import bench
+    from compresskit import bench, inputs, quality
     from compresskit.backends import ort as backend
     from compresskit.targets import TARGETS
 
@@ -97,10 +97,13 @@ def build(run_dir: Path, source: dict[str, Any], work: Path, x: np.ndarray, y: n
         + [line for line in config if not line.startswith("#")]) + "\n")
     edge = TARGETS.get("edge")
     sess = backend.session(staged / "model.ort", edge, 1)
-    accuracy = float((backend.predict(sess, x, 256).argmax(1) == y).mean())
+    task = info.get("task", "classify")
+    scores = quality.score(task, backend.predict(sess, x, 256), y)
+    accuracy = scores[quality.primary(task)]
     rows = bench.measure({"model.ort": staged / "model.ort"}, edge,
                          bench.Settings(runs=100, warmup=10, memory=False),
-                         lambda s, bs: {s.get_inputs()[0].name: backend.batch_of(x, bs)},
+                         lambda s, bs: inputs.feeds(backend.input_names(s),
+                                                    backend.batch_of(x, bs)),
                          work / "ort")
     proto = onnx.load(str(staged / "model.onnx"), load_external_data=False)
     opset = max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
@@ -119,7 +122,7 @@ def build(run_dir: Path, source: dict[str, Any], work: Path, x: np.ndarray, y: n
                                 "softmax turns them into probabilities"}
                     for o in sess.get_outputs()],
         "preprocessing": info["preprocessing"], "labels": info["labels"],
-        "measured": {"accuracy": accuracy, "split": info["split"], "samples": len(y),
+        "measured": {**scores, "split": info["split"], "samples": len(y),
                      "edge_batch1_p50_ms": rows[0]["latency_ms"]["p50"],
                      "edge_cold_start_ms": rows[0]["cold_start"]},
     }
@@ -128,6 +131,7 @@ def build(run_dir: Path, source: dict[str, Any], work: Path, x: np.ndarray, y: n
         precision=source.get("precision"),
         method=f", {source['method']}" if source.get("method") else "",
         accuracy=f"{accuracy:.4f}", split=info["split"],
+        metric=quality.LABELS[quality.primary(task)],
         latency=f"{rows[0]['latency_ms']['p50']:.3f}", preprocessing=info["preprocessing"],
         ort_version=ort.__version__))
     manifest["files"] = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}

@@ -30,13 +30,20 @@ def missing_files(loaded: LoadedPipeline) -> list[Problem]:
     """Source files and checkpoints that do not exist: found without importing torch."""
     problems = []
     cfg = loaded.config
-    sections: list[tuple[tuple[str, ...], str, str | None]] = [
+    sections: list[tuple[tuple[str, ...], str | None, str | None]] = [
         (("data",), cfg.data.source, None)] + [
         (path, m.source, m.checkpoint) for path, m in cfg.model_sections().values()]
+    from compresskit import hf
+
     for section, source, checkpoint in sections:
+        if source is None:
+            continue  # from_teacher
         if section == ("data",) and ":" not in source:
             continue  # a built-in data source, checked by name in deep_check
         try:
+            if hf.is_hf(source):
+                hf.folder(source, loaded.base_dir)
+                continue
             spec = parse_spec(source)
             if spec.is_file:
                 locate(spec.module, loaded.base_dir, "file")
@@ -55,6 +62,7 @@ def deep_check(loaded: LoadedPipeline) -> dict[str, nn.Module]:
     problems = missing_files(loaded)
     flagged = {p.key.rsplit(".", 1)[0] for p in problems if p.key}
     from compresskit import modelio
+    from compresskit.config import InputConfig
 
     cfg = loaded.config
     models: dict[str, nn.Module] = {}
@@ -70,23 +78,37 @@ def deep_check(loaded: LoadedPipeline) -> dict[str, nn.Module]:
             problems.append(loaded.problem(("data", "source"), str(e)))
         except KeyError as e:
             problems.append(loaded.problem(("data", "source"), str(e.args[0])))
-    for role, (path, mcfg) in cfg.model_sections().items():
+    sections = sorted(cfg.model_sections().items(),
+                      key=lambda item: item[1][1].from_teacher is not None)
+    for role, (path, mcfg) in sections:
         if ".".join(path) in flagged:
             continue
+        if mcfg.from_teacher is not None:
+            model = _from_teacher(loaded, models, role, path, problems)
+            if model is None:
+                continue
+        else:
+            try:
+                model = modelio.instantiate(mcfg, role, loaded.base_dir,
+                                            model_seed(cfg.seed, role))
+            except modelio.ModelError as e:
+                problems.append(loaded.problem((*path, "source"), str(e)))
+                continue
+            try:
+                modelio.load_checkpoint(model, mcfg, role, loaded.base_dir)
+            except modelio.ModelError as e:
+                problems.append(loaded.problem((*path, "checkpoint"), str(e)))
+                continue
+            try:
+                model = modelio.adapt(model, mcfg.output, cfg.inputs, role)
+            except modelio.ModelError as e:
+                problems.append(loaded.problem(("input",), str(e)))
+                continue
         try:
-            model = modelio.instantiate(mcfg, role, loaded.base_dir, model_seed(cfg.seed, role))
+            modelio.dry_forward(model, cfg.inputs, role)
         except modelio.ModelError as e:
-            problems.append(loaded.problem((*path, "source"), str(e)))
-            continue
-        try:
-            modelio.load_checkpoint(model, mcfg, role, loaded.base_dir)
-        except modelio.ModelError as e:
-            problems.append(loaded.problem((*path, "checkpoint"), str(e)))
-            continue
-        try:
-            modelio.dry_forward(model, cfg.input, role)
-        except modelio.ModelError as e:
-            problems.append(loaded.problem(("input", "shape"), str(e)))
+            at = ("input", "shape") if isinstance(cfg.input, InputConfig) else ("input",)
+            problems.append(loaded.problem(at, str(e)))
             continue
         models[role] = model
     if not problems:
@@ -94,6 +116,26 @@ def deep_check(loaded: LoadedPipeline) -> dict[str, nn.Module]:
     if problems:
         raise ConfigError(problems)
     return models
+
+
+def _from_teacher(loaded: LoadedPipeline, models: dict[str, nn.Module], role: str,
+                  path: tuple[str, ...], problems: list[Problem]) -> nn.Module | None:
+    """The student as a copy of the (already built) teacher with the chosen layers kept."""
+    import copy
+
+    from compresskit import structure
+    from compresskit.pipeline import initial_structure
+
+    teacher = models.get("teacher")
+    if teacher is None:
+        return None  # the teacher's own problem is reported
+    model = copy.deepcopy(teacher)
+    try:
+        structure.apply(model, initial_structure(loaded.config, role)["edits"])
+    except ValueError as e:
+        problems.append(loaded.problem((*path, "from_teacher"), str(e)))
+        return None
+    return model
 
 
 def _distill_problems(loaded: LoadedPipeline, models: dict[str, nn.Module]) -> list[Problem]:
@@ -104,7 +146,7 @@ def _distill_problems(loaded: LoadedPipeline, models: dict[str, nn.Module]) -> l
     from compresskit.objective import problems
 
     out = []
-    example = example_input(loaded.config.input)
+    example = example_input(loaded.config.inputs)
     for i, stage in enumerate(loaded.config.stages):
         if not isinstance(stage, DistillConfig) or stage.mode == "mutual" \
                 or "student" not in models:

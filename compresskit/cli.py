@@ -110,21 +110,24 @@ def _torchrun(nproc: int, pipeline: Path, overrides: list[str], output_dir: Path
 
 
 def _summary(report: dict[str, Any]) -> None:
+    from compresskit.quality import LABELS, METRICS
     from compresskit.report import headline, verdicts
 
+    metrics = METRICS[report.get("task", "classify")]
     t = Table(title=f"{report['name']}: {report['seconds']:.1f} s", title_justify="left")
-    for col in ("stage", "status", "seconds", "params", "accuracy"):
+    for col in ("stage", "status", "seconds", "params", *(LABELS[m] for m in metrics)):
         t.add_column(col, justify="left" if col in ("stage", "status") else "right")
     for s in report["stages"]:
-        acc = s["metrics"].get("accuracy")
+        values = [s["metrics"].get(m) for m in metrics]
         t.add_row(f"{s['index']:02d}-{s['type']}", s["status"], f"{s['seconds']:.1f}",
                   f"{s['params']:,}" if s["params"] else "-",
-                  f"{acc:.4f}" if isinstance(acc, float) else "-")
+                  *(f"{v:.4f}" if isinstance(v, float) else "-" for v in values))
     out.print(t)
     if report["benchmarks"]:
+        lengths = any(row.get("length") for row in report["benchmarks"])
         b = Table(title="onnxruntime, measured on the exported files", title_justify="left")
-        for col in ("artifact", "target", "batch", "p50 ms", "p90 ms", "p99 ms", "per s",
-                    "peak MB", "accuracy"):
+        for col in ("artifact", "target", "batch", *(["length"] if lengths else []), "p50 ms",
+                    "p90 ms", "p99 ms", "per s", "peak MB", *(LABELS[m] for m in metrics)):
             b.add_column(col, justify="left" if col in ("artifact", "target") else "right",
                          no_wrap=True, min_width=12 if col == "artifact" else None)
         for row in report["benchmarks"]:
@@ -132,9 +135,10 @@ def _summary(report: dict[str, Any]) -> None:
             mem = row["peak_rss_mb"]
             b.add_row(Path(row["artifact"]).name.removesuffix(".onnx"), row["target"],
                       str(row["batch_size"]),
+                      *([str(row.get("length") or "-")] if lengths else []),
                       f"{lat['p50']:.3f}", f"{lat['p90']:.3f}", f"{lat['p99']:.3f}",
                       f"{row['throughput_per_s']:.0f}", "-" if mem is None else f"{mem:.1f}",
-                      f"{row['accuracy']:.4f}")
+                      *(f"{row[m]:.4f}" for m in metrics))
         out.print(b)
     for line in headline(report):
         out.print(line)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -80,6 +80,220 @@ def digits_rgb32(size: int = 32, val_fraction: float = 0.1, seed: int = 0,
     return {**_without_labels(out, train_labels), "labels": [str(d) for d in range(10)]}
 
 
+def _split_indices(n: int, val_fraction: float, test_fraction: float, seed: int,
+                   labels: Any = None) -> tuple[Any, Any, Any]:
+    """Train/val/test index arrays: a seeded permutation, stratified by label when given."""
+    import numpy as np
+
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1
+            and val_fraction + test_fraction < 1):
+        raise ValueError("val_fraction and test_fraction must be in [0, 1) and sum below 1")
+    rng = np.random.default_rng(seed)
+    groups = [np.arange(n)] if labels is None else \
+        [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    train, val, test = [], [], []
+    for g in groups:
+        g = rng.permutation(g)
+        n_test, n_val = round(len(g) * test_fraction), round(len(g) * val_fraction)
+        test.append(g[:n_test])
+        val.append(g[n_test:n_test + n_val])
+        train.append(g[n_test + n_val:])
+    out = tuple(np.sort(np.concatenate(part)) for part in (train, val, test))
+    if len(out[0]) == 0 or len(out[1]) == 0:
+        raise ValueError(f"{n} samples are too few to split with val_fraction {val_fraction} "
+                         f"and test_fraction {test_fraction}")
+    return out  # type: ignore[return-value]
+
+
+def _splits(arrays: list[Any], labels: Any, val_fraction: float, test_fraction: float,
+            seed: int, stratify: bool = True) -> dict[str, Any]:
+    """TensorDatasets of (inputs..., label) per split; bare inputs when labels is None. Several
+    input arrays make samples ((x1, x2, ...), label)."""
+    import torch
+    from torch.utils.data import Dataset
+
+    parts = _split_indices(len(arrays[0]), val_fraction, test_fraction, seed,
+                           labels if stratify else None)
+
+    class Arrays(Dataset):
+        def __init__(self, index: Any):
+            self.xs = [torch.as_tensor(a[index]) for a in arrays]
+            self.y = None if labels is None else torch.as_tensor(labels[index]).long()
+
+        def __len__(self) -> int:
+            return len(self.xs[0])
+
+        def __getitem__(self, i: int) -> Any:
+            x = self.xs[0][i] if len(self.xs) == 1 else tuple(v[i] for v in self.xs)
+            return (x,) if self.y is None else (x, self.y[i])
+
+    out = {"train": Arrays(parts[0]), "val": Arrays(parts[1])}
+    if len(parts[2]):
+        out["test"] = Arrays(parts[2])
+    return out
+
+
+def _file(path: str, base_dir: Path | None, what: str) -> Path:
+    from compresskit.sources import locate
+
+    return locate(path, base_dir or Path.cwd(), what)
+
+
+@DATASETS.register("npz")
+def npz(path: str, x: str | list[str] = "x", y: str | None = "y", val_fraction: float = 0.1,
+        test_fraction: float = 0.2, seed: int = 0, base_dir: Path | None = None) -> dict[str, Any]:
+    """Arrays in a NumPy .npz file, inputs under key `x` (a list of keys for a model with
+    several inputs) and integer labels under `y` (null: unlabeled); split into train, val and
+    test by a seeded permutation, stratified by label."""
+    import numpy as np
+
+    file = _file(path, base_dir, "npz file")
+    with np.load(file, allow_pickle=False) as data:
+        keys = [x] if isinstance(x, str) else list(x)
+        wanted = keys + ([y] if y else [])
+        absent = [k for k in wanted if k not in data.files]
+        if absent:
+            raise ValueError(f"{file} has no array '{absent[0]}' (it has "
+                             f"{', '.join(data.files) or 'none'}); set kwargs x and y")
+        arrays = [np.asarray(data[k]) for k in keys]
+        labels = np.asarray(data[y]).astype(np.int64) if y else None
+    for k, a in zip(keys, arrays, strict=True):
+        if a.dtype.kind == "f":
+            arrays[keys.index(k)] = a.astype(np.float32)
+        if len(a) != len(arrays[0]) or (labels is not None and len(a) != len(labels)):
+            raise ValueError(f"{file}: arrays {', '.join(wanted)} differ in length")
+    return _splits(arrays, labels, val_fraction, test_fraction, seed)
+
+
+@DATASETS.register("folder")
+def folder(path: str, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0,
+           base_dir: Path | None = None, input_shape: list[int] | None = None) -> dict[str, Any]:
+    """Images in one subfolder per class (the folder names are the labels, sorted), resized
+    to input.shape ([1, H, W] grey or [3, H, W] colour) and scaled to [0, 1]."""
+    import numpy as np
+    from PIL import Image
+
+    root = _file(path, base_dir, "image folder")
+    if not root.is_dir():
+        raise ValueError(f"{root} is not a folder")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if len(classes) < 2:
+        raise ValueError(f"{root} needs one subfolder per class (at least two); found "
+                         f"{len(classes)}")
+    shape = input_shape or [3, 32, 32]
+    if len(shape) != 3 or shape[0] not in (1, 3):
+        raise ValueError(f"the folder source makes [1, H, W] or [3, H, W] images; input.shape "
+                         f"is {shape}")
+    images, labels = [], []
+    for c, name in enumerate(classes):
+        for f in sorted((root / name).iterdir()):
+            if f.suffix.lower() not in (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"):
+                continue
+            with Image.open(f) as opened:
+                img = opened.convert("L" if shape[0] == 1 else "RGB").resize(
+                    (shape[2], shape[1]), Image.Resampling.BILINEAR)
+                a = np.asarray(img, dtype=np.float32) / 255.0
+            images.append(a[None] if shape[0] == 1 else a.transpose(2, 0, 1))
+            labels.append(c)
+    if not images:
+        raise ValueError(f"no images (.png, .jpg, ...) in the class folders of {root}")
+    return {**_splits([np.stack(images)], np.array(labels), val_fraction, test_fraction, seed),
+            "labels": classes}
+
+
+@DATASETS.register("csv")
+def csv(path: str, label: str = "label", columns: list[str] | None = None,
+        val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0,
+        standardize: bool = True, base_dir: Path | None = None) -> dict[str, Any]:
+    """A CSV table with a header row, numeric feature `columns` (default: all but the label) as
+    a float32 vector and the `label` column as the class (its distinct values, sorted, are the
+    labels); standardize: scale each feature by the training split's mean and deviation."""
+    import csv as csv_module
+
+    import numpy as np
+
+    file = _file(path, base_dir, "csv file")
+    with file.open(newline="") as fh:
+        rows = list(csv_module.DictReader(fh))
+    if not rows:
+        raise ValueError(f"{file} has no data rows")
+    header = list(rows[0])
+    if label not in header:
+        raise ValueError(f"{file} has no column '{label}' (columns: {', '.join(header)}); set "
+                         "kwargs.label")
+    features = columns or [c for c in header if c != label]
+    absent = [c for c in features if c not in header]
+    if absent:
+        raise ValueError(f"{file} has no column '{absent[0]}'")
+    x = np.empty((len(rows), len(features)), dtype=np.float32)
+    for i, row in enumerate(rows):
+        for j, c in enumerate(features):
+            try:
+                x[i, j] = float(row[c])
+            except (TypeError, ValueError):
+                raise ValueError(f"{file} row {i + 2}, column '{c}': '{row[c]}' is not a "
+                                 "number") from None
+    names = sorted({row[label] for row in rows})
+    y = np.array([names.index(row[label]) for row in rows])
+    out = _splits([x], y, val_fraction, test_fraction, seed)
+    if standardize:
+        train = out["train"].xs[0]
+        mean, std = train.mean(0), train.std(0).clamp(min=1e-6)
+        for ds in out.values():
+            ds.xs[0] = (ds.xs[0] - mean) / std
+    return {**out, "labels": names}
+
+
+def sentences(text: str, min_chars: int = 40, max_chars: int = 300) -> list[str]:
+    """Sentences of running text: split at . ! ? followed by space, whitespace collapsed, kept
+    when min_chars..max_chars long, duplicates dropped."""
+    import re
+
+    out: dict[str, None] = {}
+    for part in re.split(r"(?<=[.!?])\s+", " ".join(text.split())):
+        if min_chars <= len(part) <= max_chars:
+            out.setdefault(part)
+    return list(out)
+
+
+@DATASETS.register("text")
+def text(tokenizer: str, path: str | None = None, python: str | None = None,
+         max_length: int = 64, val_fraction: float = 0.1, test_fraction: float = 0.15,
+         seed: int = 0, limit: int | None = None, min_chars: int = 40, max_chars: int = 300,
+         base_dir: Path | None = None) -> dict[str, Any]:
+    """Unlabeled sentences, tokenized with a Hugging Face tokenizer ('hf:<folder>'), padded or
+    cut to max_length: samples are (input_ids, attention_mask). From `path` (one sentence per
+    line) or `python` ('module:attr', a string, list or dict of strings split into sentences,
+    e.g. the standard library's pydoc_data.topics:topics)."""
+    import numpy as np
+
+    from compresskit import hf
+    from compresskit.sources import resolve_attr
+
+    if (path is None) == (python is None):
+        raise ValueError("give the text as 'path' (one sentence per line) or 'python' "
+                         "('module:attr'), one of them")
+    if path is not None:
+        lines = _file(path, base_dir, "text file").read_text(encoding="utf-8").splitlines()
+        found = [line.strip() for line in lines if line.strip()]
+    else:
+        obj = resolve_attr(str(python), base_dir or Path.cwd())
+        parts = obj.values() if isinstance(obj, dict) else [obj] if isinstance(obj, str) \
+            else obj
+        found = list(dict.fromkeys(s for part in parts for s in sentences(
+            str(part), min_chars, max_chars)))
+    if limit:
+        found = found[:limit]
+    if len(found) < 10:
+        raise ValueError(f"only {len(found)} sentences found; the text source needs at least 10")
+    tok = hf.load_tokenizer(tokenizer, base_dir or Path.cwd())
+    enc = tok(found, padding="max_length", truncation=True, max_length=max_length,
+              return_tensors="np")
+    arrays = [np.asarray(enc["input_ids"], dtype=np.int64),
+              np.asarray(enc["attention_mask"], dtype=np.int64)]
+    return {**_splits(arrays, None, val_fraction, test_fraction, seed), "texts": found}
+
+
 @dataclass
 class Splits:
     train: Dataset
@@ -87,6 +301,8 @@ class Splits:
     test: Dataset | None
     labels: list[str] | None = None
     """Class names by index, when the source gives them (a 'labels' entry)."""
+    memo: dict[str, Any] = field(default_factory=dict)
+    """Values computed once per run from these splits (the teacher's evaluation outputs)."""
 
     @property
     def eval(self) -> Dataset:
@@ -112,9 +328,10 @@ def _problem(cfg_file: str | None, msg: str) -> ConfigError:
     return ConfigError(Problem(msg, file=cfg_file, key="data.source"))
 
 
-def load_data(cfg: DataConfig, inp: InputConfig, base_dir: Path,
-              cfg_file: str | None = None) -> Splits:
-    """Build the splits and check that samples match `input.shape`; bad data is exit 2."""
+def load_data(cfg: DataConfig, inp: InputConfig | list[InputConfig], base_dir: Path,
+              cfg_file: str | None = None, task: str = "classify") -> Splits:
+    """Build the splits and check that samples match `input:`; bad data is exit 2."""
+    specs = inp if isinstance(inp, list) else [inp]
     if ":" in cfg.source:
         try:
             factory = resolve(cfg.source, base_dir)
@@ -125,8 +342,17 @@ def load_data(cfg: DataConfig, inp: InputConfig, base_dir: Path,
             factory = DATASETS.get(cfg.source)
         except KeyError as e:
             raise _problem(cfg_file, str(e.args[0])) from None
+    kwargs = dict(cfg.kwargs)
+    if ":" not in cfg.source:  # built-ins resolve paths like the pipeline's other files
+        import inspect
+
+        params = inspect.signature(factory).parameters
+        if "base_dir" in params:
+            kwargs["base_dir"] = base_dir
+        if "input_shape" in params and "input_shape" not in kwargs:
+            kwargs["input_shape"] = list(specs[0].shape)
     try:
-        out = call_user(factory, cfg.kwargs, f"data source '{cfg.source}'")
+        out = call_user(factory, kwargs, f"data source '{cfg.source}'")
     except SourceError as e:
         raise _problem(cfg_file, str(e)) from None
     if not isinstance(out, dict) or "train" not in out or "val" not in out:
@@ -140,11 +366,12 @@ def load_data(cfg: DataConfig, inp: InputConfig, base_dir: Path,
         ds = getattr(splits, name)
         if ds is None:
             continue
-        _check_split(ds, name, cfg.source, inp, cfg_file)
+        _check_split(ds, name, cfg.source, specs, cfg_file, labels_needed=task == "classify")
     return splits
 
 
-def _check_split(ds: Any, name: str, source: str, inp: InputConfig, cfg_file: str | None) -> None:
+def _check_split(ds: Any, name: str, source: str, specs: list[InputConfig],
+                 cfg_file: str | None, labels_needed: bool = True) -> None:
     import torch
 
     if not hasattr(ds, "__len__") or not hasattr(ds, "__getitem__"):
@@ -156,12 +383,19 @@ def _check_split(ds: Any, name: str, source: str, inp: InputConfig, cfg_file: st
 
     sample = ds[0]
     bad = isinstance(sample, (tuple, list)) and len(sample) not in (1, 2)
-    if bad or (name != "train" and unpack(sample)[1] is None):
-        what = "(input, label) pairs" if name != "train" else \
+    if bad or (labels_needed and name != "train" and unpack(sample)[1] is None):
+        what = "(input, label) pairs" if name != "train" and labels_needed else \
             "(input, label) pairs, or bare inputs when unlabeled"
         raise _problem(cfg_file, f"'{source}' split '{name}' must yield {what}")
-    x = torch.as_tensor(unpack(sample)[0])
-    if list(x.shape) != list(inp.shape):
-        raise _problem(cfg_file, f"'{source}' split '{name}' yields inputs of shape "
-                                 f"{list(x.shape)}, but input.shape is {inp.shape}; set "
-                                 f"input.shape: {list(x.shape)} or reshape the data")
+    x = unpack(sample)[0]
+    values = list(x) if isinstance(x, (tuple, list)) else [x]
+    if len(values) != len(specs):
+        raise _problem(cfg_file, f"'{source}' split '{name}' yields {len(values)} input(s) per "
+                                 f"sample, but 'input:' lists {len(specs)} "
+                                 f"({', '.join(s.name for s in specs)})")
+    for value, spec in zip(values, specs, strict=True):
+        shape = list(torch.as_tensor(value).shape)
+        if shape != list(spec.shape):
+            raise _problem(cfg_file, f"'{source}' split '{name}' yields input '{spec.name}' of "
+                                     f"shape {shape}, but its shape under 'input:' is "
+                                     f"{spec.shape}; set shape: {shape} or reshape the data")

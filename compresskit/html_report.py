@@ -65,12 +65,17 @@ def plots(report: dict[str, Any]) -> list[tuple[str, str]]:
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
+    from compresskit import quality
+
     out = []
+    metric = str(report.get("metric", "accuracy"))
+    label = quality.LABELS.get(metric, metric)
     for target in dict.fromkeys(b["target"] for b in report["benchmarks"]):
         rows = [b for b in report["benchmarks"] if b["target"] == target]
         bs = min(b["batch_size"] for b in rows)
-        rows = [b for b in rows if b["batch_size"] == bs]
-        pts = [(b["latency_ms"]["p50"], b["accuracy"]) for b in rows]
+        longest = max((b.get("length") or 0) for b in rows)
+        rows = [b for b in rows if b["batch_size"] == bs and (b.get("length") or 0) == longest]
+        pts = [(b["latency_ms"]["p50"], b[metric]) for b in rows]
         fig, ax = plt.subplots(figsize=(6.4, 4.0))
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], color="#1f77b4", zorder=3)
         for b, (x, y) in zip(rows, pts, strict=True):
@@ -81,8 +86,8 @@ def plots(report: dict[str, Any]) -> list[tuple[str, str]]:
                 color="#d62728", label="Pareto front", zorder=2)
         ax.set_xscale("log")
         ax.set_xlabel(f"p50 latency, ms (batch {bs}, log scale)")
-        ax.set_ylabel("accuracy")
-        ax.set_title(f"{target}: accuracy against latency")
+        ax.set_ylabel(label)
+        ax.set_title(f"{target}: {label} against latency")
         ax.legend(loc="lower right")
         out.append((f"Accuracy against latency on {target}, batch {bs}; the red line joins "
                     "the files no other file beats on both.", _png(fig)))

@@ -15,7 +15,13 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from compresskit.config import STAGE_CONFIGS, LossTerm, PipelineConfig, order_problems
+from compresskit.config import (
+    STAGE_CONFIGS,
+    InputConfig,
+    LossTerm,
+    PipelineConfig,
+    order_problems,
+)
 from compresskit.errors import ConfigError, Problem
 from compresskit.registry import did_you_mean
 
@@ -169,6 +175,8 @@ TAGGED: dict[str, type[BaseModel]] = {**STAGE_CONFIGS, **LOSS_TERMS}
 
 def _model_at(loc: Path_) -> type[BaseModel] | None:
     """The pydantic model class that validates the value at `loc` (to suggest valid keys)."""
+    if loc[:1] == ("input",) and all(isinstance(p, int) for p in loc[1:]):
+        return InputConfig  # one input, or one of a list
     current: Any = PipelineConfig
     for part in loc:
         origin = typing.get_origin(current)
@@ -202,8 +210,17 @@ def _model_at(loc: Path_) -> type[BaseModel] | None:
     return current if isinstance(current, type) and issubclass(current, BaseModel) else None
 
 
+def _untag_input(loc: Path_) -> Path_:
+    """input.input.shape -> input.shape; input.inputs.0.shape -> input.0.shape."""
+    if len(loc) >= 2 and loc[0] == "input" and loc[1] in ("input", "inputs"):
+        return ("input", *loc[2:])
+    return loc
+
+
 def _yaml_path(loc: Path_) -> Path_:
-    """Drop the union tags pydantic puts in locations (stages.1.distill.lr -> stages.1.lr)."""
+    """Drop the union tags pydantic puts in locations (stages.1.distill.lr -> stages.1.lr,
+    input.inputs.0.shape -> input.0.shape)."""
+    loc = _untag_input(loc)
     out: list[Any] = []
     for i, part in enumerate(loc):
         tag = isinstance(part, str) and part in TAGGED
@@ -222,7 +239,7 @@ TAGGED_LISTS: dict[str, tuple[str, list[str]]] = {
 
 def _message(err: Any) -> str:
     kind = err["type"]
-    loc = err["loc"]
+    loc = _untag_input(tuple(err["loc"]))
     given = err.get("input")
     if kind == "extra_forbidden":
         model = _model_at(loc[:-1])

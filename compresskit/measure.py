@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from compresskit import inputs, quality
 from compresskit.backends import ort as ort_backend
 from compresskit.backends.onnx_export import check_model, export_onnx
 from compresskit.backends.onnx_graph import total_macs
@@ -27,26 +28,62 @@ if TYPE_CHECKING:
     from compresskit.context import StageContext
 
 
-def eval_arrays(ctx: StageContext) -> tuple[np.ndarray, np.ndarray]:
-    """The evaluation split as (inputs, integer labels) arrays in the configured input dtype."""
-    ds = ctx.data().eval
+def eval_arrays(ctx: StageContext) -> tuple[Any, np.ndarray]:
+    """The evaluation split as (inputs, target) arrays, inputs in the configured dtypes (a
+    tuple for several inputs). The target is the integer labels for task classify, the
+    teacher's embeddings of the same samples for task embed."""
+    from compresskit.training import unpack
+
+    data = ctx.data()
+    ds = data.eval
     n = len(ds)  # type: ignore[arg-type]  # map-style, checked by data.load_data
-    xs, ys = zip(*(ds[i] for i in range(n)), strict=False)
-    x = torch.stack([torch.as_tensor(v) for v in xs]).numpy()
-    return x.astype(ort_backend.NP_DTYPES[ctx.config.input.dtype]), \
-        np.array([int(v) for v in ys])
+    pairs = [unpack(ds[i]) for i in range(n)]
+    x = inputs.numpy(inputs.stack([p[0] for p in pairs]), [i.dtype for i in ctx.config.inputs])
+    if ctx.config.task == "embed":
+        return x, teacher_embeddings(ctx, x)
+    return x, np.array([int(p[1]) for p in pairs])  # type: ignore[arg-type]  # checked labels
 
 
-def profile(model: nn.Module, path: Path, x: np.ndarray, y: np.ndarray,
-            opset: int = 17) -> dict[str, Any]:
+def teacher_embeddings(ctx: StageContext, x: Any) -> np.ndarray:
+    """The teacher's outputs on the evaluation inputs (torch, FP32), computed once per teacher
+    weights and kept with the data splits."""
+    from compresskit.teacher import weights_digest
+
+    teacher = ctx.model("teacher")
+    memo = ctx.data().memo
+    key = "teacher_embeddings:" + weights_digest(teacher)
+    if key not in memo:
+        memo[key] = predict_torch(teacher, x, ctx.config.data.eval_batch_size)
+    return memo[key]  # type: ignore[no-any-return]
+
+
+@torch.no_grad()
+def predict_torch(model: nn.Module, x: Any, batch_size: int) -> np.ndarray:
+    """Outputs of a torch model on the CPU for numpy inputs, in batches."""
+    model = copy.deepcopy(model).cpu().eval()
+    n = inputs.count(x)
+    outs = [inputs.call(model, inputs.apply(inputs.take(x, slice(i, i + batch_size)),
+                                            torch.from_numpy)).float().numpy()
+            for i in range(0, n, batch_size)]
+    return np.concatenate(outs)
+
+
+def score(ctx: StageContext, outputs: np.ndarray, target: np.ndarray) -> dict[str, float]:
+    return quality.score(ctx.config.task, outputs, target)
+
+
+def profile(model: nn.Module, path: Path, x: Any, y: np.ndarray, opset: int = 17, *,
+            task: str = "classify", specs: Any = None) -> dict[str, Any]:
     """Export `model` to `path` and measure what does not need a second model."""
     model = copy.deepcopy(model).cpu().eval()
-    export_onnx(model, torch.from_numpy(x[:2]), path, opset)
+    export_onnx(model, inputs.apply(inputs.take(x, slice(0, 2)), torch.from_numpy), path,
+                opset, specs)
     check_model(path)
     sess = ort_backend.session(path, TARGETS.get("cpu"), threads=1)
-    acc = float((ort_backend.predict(sess, x, 256).argmax(1) == y).mean())
-    return {"params": count_params(model), "macs": total_macs(path),
-            "onnx_bytes": path.stat().st_size, "accuracy": acc}
+    sizes = {name: spec.shape[axis] for spec in specs or [] for axis, name in spec.dynamic.items()}
+    return {"params": count_params(model), "macs": total_macs(path, sizes),
+            "onnx_bytes": path.stat().st_size,
+            **quality.score(task, ort_backend.predict(sess, x, 256), y)}
 
 
 def latency(paths: dict[str, Path], x: np.ndarray, runs: int) -> dict[str, Any]:
@@ -54,7 +91,7 @@ def latency(paths: dict[str, Path], x: np.ndarray, runs: int) -> dict[str, Any]:
     ratios of the first file's time to each other's."""
     cpu = TARGETS.get("cpu")
     sessions = {k: ort_backend.session(p, cpu, threads=1) for k, p in paths.items()}
-    times = ort_backend.time_interleaved(sessions, np.ascontiguousarray(x[:1]), runs,
+    times = ort_backend.time_interleaved(sessions, inputs.take(x, slice(0, 1)), runs,
                                          warmup=max(5, runs // 10))
     first = next(iter(paths))
     return {"p50_ms": {k: round(summarize(t)["p50"], 4) for k, t in times.items()},
@@ -62,7 +99,8 @@ def latency(paths: dict[str, Path], x: np.ndarray, runs: int) -> dict[str, Any]:
                         if k != first}}
 
 
-def compare(before: dict[str, Any], after: dict[str, Any], speedup: float) -> dict[str, Any]:
+def compare(before: dict[str, Any], after: dict[str, Any], speedup: float,
+            metric: str = "accuracy") -> dict[str, Any]:
     """Relative changes, and a plain-words warning when latency did not follow MACs."""
     macs_cut = 1.0 - after["macs"] / max(1, before["macs"])
     latency_cut = 1.0 - 1.0 / speedup
@@ -71,7 +109,7 @@ def compare(before: dict[str, Any], after: dict[str, Any], speedup: float) -> di
         "macs_ratio": round(after["macs"] / max(1, before["macs"]), 4),
         "size_ratio": round(after["onnx_bytes"] / max(1, before["onnx_bytes"]), 4),
         "latency_speedup": speedup,
-        "accuracy_change": round(after["accuracy"] - before["accuracy"], 4),
+        f"{metric}_change": round(after[metric] - before[metric], 4),
         "warnings": [],
     }
     if macs_cut >= 0.2 and latency_cut < macs_cut / 2:
@@ -97,7 +135,7 @@ def snapshot(model: nn.Module, ctx: StageContext, runs: int = 50) -> dict[str, A
     x, y = eval_arrays(ctx)
     path = ctx.work_dir / "measured.fp32.onnx"
     try:
-        found = profile(model, path, x, y)
+        found = profile(model, path, x, y, task=ctx.config.task, specs=ctx.config.inputs)
     except ExportError:
         return None
     found["latency_ms"] = latency({"model": path}, x, runs)["p50_ms"]["model"]

@@ -2,36 +2,44 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from compresskit import hf
 from compresskit.artifacts import atomic_path
-from compresskit.config import InputConfig, ModelConfig
+from compresskit.config import InputConfig, ModelConfig, OutputConfig
+from compresskit.inputs import DTYPES
 from compresskit.sources import SourceError, call_user, locate, resolve
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16,
-          "int64": torch.int64, "int32": torch.int32}
 
 
 class ModelError(Exception):
     """A model that cannot be built, loaded or run as configured; the message says what to do."""
 
 
-def build(cfg: ModelConfig, role: str, base_dir: Path, seed: int) -> nn.Module:
-    """Instantiate the model (seeded, so a rebuild is identical) and load its checkpoint."""
+def build(cfg: ModelConfig, role: str, base_dir: Path, seed: int,
+          inputs: Sequence[InputConfig] | None = None) -> nn.Module:
+    """Instantiate the model (seeded, so a rebuild is identical), load its checkpoint, and
+    adapt it to positional inputs and one output tensor when `inputs` says so (see Entry)."""
     model = instantiate(cfg, role, base_dir, seed)
     load_checkpoint(model, cfg, role, base_dir)
-    return model
+    return adapt(model, cfg.output, inputs, role) if inputs is not None else model
 
 
 def instantiate(cfg: ModelConfig, role: str, base_dir: Path, seed: int) -> nn.Module:
+    if cfg.source is None:  # from_teacher: built by the runner from the teacher
+        raise RuntimeError(f"{role} has no source to instantiate")
     try:
-        factory = resolve(cfg.source, base_dir)
         torch.manual_seed(seed)
-        model = call_user(factory, cfg.kwargs, f"{role} source '{cfg.source}'")
+        if hf.is_hf(cfg.source):
+            model = hf.load_model(cfg.source, base_dir, cfg.kwargs)
+        else:
+            factory = resolve(cfg.source, base_dir)
+            model = call_user(factory, cfg.kwargs, f"{role} source '{cfg.source}'")
     except SourceError as e:
         raise ModelError(str(e)) from None
     if not isinstance(model, nn.Module):
@@ -99,24 +107,138 @@ def save_weights(model: nn.Module, path: Path) -> None:
         torch.save(state, tmp)
 
 
-def example_input(inp: InputConfig, batch: int = 2) -> torch.Tensor:
-    return torch.zeros((batch, *inp.shape), dtype=DTYPES[inp.dtype])
+def example_input(inp: InputConfig | Sequence[InputConfig], batch: int = 2) -> Any:
+    """A batch of placeholder inputs: zeros for floats, ones for integers (a valid token id and
+    a mask that marks every token); a tuple for several inputs."""
+    specs = [inp] if isinstance(inp, InputConfig) else list(inp)
+    out = tuple((torch.zeros if s.dtype.startswith("float") else torch.ones)(
+        (batch, *s.shape), dtype=DTYPES[s.dtype]) for s in specs)
+    return out[0] if len(out) == 1 else out
 
 
-def dry_forward(model: nn.Module, inp: InputConfig, role: str) -> Any:
-    """One forward pass on a zero batch; a shape the model rejects is the user's error."""
+class Entry(nn.Module):
+    """A model seen the way every stage and exporter wants it: positional input tensors in the
+    pipeline's `input:` order, one output tensor.
+
+    The wrapped model gets its inputs by keyword (input_ids=..., attention_mask=...), and the
+    tensor the stages use is picked from a dict, tuple or ModelOutput by `output.key`, then
+    optionally pooled to one embedding per sample. The model is `self.model`, so its module
+    names carry a 'model.' prefix.
+    """
+
+    def __init__(self, model: nn.Module, names: Sequence[str], output: OutputConfig,
+                 keyword: bool):
+        super().__init__()
+        self.model = model
+        self.names = tuple(names)
+        self.keyword = keyword
+        self.key = output.key
+        self.pool = output.pool
+        self.normalize = output.normalize
+        self.mask_index = self.names.index(output.mask) if output.mask in self.names else None
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        out = self.model(**dict(zip(self.names, xs, strict=True))) if self.keyword \
+            else self.model(*xs)
+        out = select(out, self.key)
+        if self.pool == "mean":
+            if self.mask_index is None:
+                out = out.mean(dim=1)
+            else:
+                mask = xs[self.mask_index].unsqueeze(-1).to(out.dtype)
+                out = (out * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+        elif self.pool == "cls":
+            out = out[:, 0]
+        if self.normalize:
+            out = nn.functional.normalize(out, dim=-1)
+        return out
+
+
+def select(out: Any, key: str | int | None) -> torch.Tensor:
+    """The output tensor the stages use; a clear error when `key` does not pick one."""
+    if key is None:
+        if isinstance(out, torch.Tensor):
+            return out
+        raise ModelError(f"the model returns {_describe(out)}, not one tensor; set the model's "
+                         "output.key to the one the stages should use")
+    if isinstance(out, Mapping):
+        if key not in out:
+            raise ModelError(f"output.key '{key}' is not among the model's outputs "
+                             f"{_describe(out)}")
+        value = out[key]
+    elif isinstance(out, (tuple, list)):
+        if not isinstance(key, int) or not -len(out) <= key < len(out):
+            raise ModelError(f"output.key {key!r} does not index the model's {len(out)} "
+                             "outputs; give an integer index")
+        value = out[key]
+    else:
+        raise ModelError(f"output.key {key!r} is set, but the model returns {_describe(out)}")
+    if not isinstance(value, torch.Tensor):
+        raise ModelError(f"output '{key}' is {type(value).__name__}, not a tensor")
+    return value
+
+
+def _describe(out: Any) -> str:
+    if isinstance(out, torch.Tensor):
+        return f"a tensor of shape {list(out.shape)}"
+    if isinstance(out, Mapping):
+        return "a mapping with keys " + ", ".join(repr(k) for k in out)
+    if isinstance(out, (tuple, list)):
+        return f"a {type(out).__name__} of {len(out)}"
+    return type(out).__name__
+
+
+def forward_parameters(model: nn.Module) -> tuple[list[str], bool]:
+    """Names the model's forward takes by keyword, and whether it takes **kwargs."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return [], True
+    names = [n for n, p in params.items()
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return names, any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def adapt(model: nn.Module, output: OutputConfig, inputs: Sequence[InputConfig],
+          role: str) -> nn.Module:
+    """The model itself when it takes one positional input and returns one tensor; else an
+    Entry. Input names the forward does not take are the user's error, named here."""
+    names = [i.name for i in inputs]
+    keyword = len(names) > 1 or names[0] != "input" or hf.is_hf_model(model)
+    if keyword:
+        taken, var_kw = forward_parameters(model)
+        unknown = [n for n in names if n not in taken]
+        if unknown and not var_kw:
+            raise ModelError(
+                f"the {role}'s forward takes no input named '{unknown[0]}' (it takes "
+                f"{', '.join(taken) or 'nothing by name'}); name the inputs under 'input:' "
+                "after the forward's arguments")
+    if not keyword and output.key is None and output.pool is None and not output.normalize:
+        return model
+    return Entry(model, names, output, keyword)
+
+
+def dry_forward(model: nn.Module, inputs: Sequence[InputConfig], role: str) -> Any:
+    """One forward pass on a placeholder batch; inputs the model rejects are the user's error."""
     model.eval()
+    shown = f"input.shape {inputs[0].shape} ({inputs[0].dtype})" if len(inputs) == 1 else \
+        "the inputs " + ", ".join(f"{i.name} {i.shape} ({i.dtype})" for i in inputs)
     try:
         with torch.no_grad():
-            out = model(example_input(inp))
+            from compresskit.inputs import call
+
+            out = call(model, example_input(inputs))
+    except ModelError:
+        raise
     except Exception as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ModelError(f"the {role} rejects input.shape {inp.shape} ({inp.dtype}): {msg}. "
-                         "Set input.shape to one sample's shape, without the batch "
-                         "dimension") from None
+        raise ModelError(f"the {role} rejects {shown}: {msg}. Set input shape to "
+                         "one sample's shape, without the batch dimension") from None
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
-        shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ModelError(f"the {role} must return logits of shape [batch, classes], got {shape}")
+        shape = list(out.shape) if isinstance(out, torch.Tensor) else _describe(out)
+        raise ModelError(f"the {role} must return one tensor of shape [batch, classes] (or "
+                         f"[batch, dim] for an embedding), got {shape}; set the model's "
+                         "output.key, or output.pool for per-token outputs")
     return out
 
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from compresskit.config import DistillConfig, FeatureTerm
 from compresskit.features import FeatureError, Taps, adapter, check_names
+from compresskit.inputs import call, perturb
 from compresskit.ops import kd
 from compresskit.teacher import TeacherOutputs, output_key
 from compresskit.training import Batch
@@ -59,8 +60,8 @@ class Distiller(nn.Module):
         if ema is not None:
             ema.requires_grad_(False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.student(x)
+    def forward(self, *x: torch.Tensor) -> torch.Tensor:
+        return self.student(*x)
 
 
 def problems(cfg: DistillConfig, student: nn.Module, teachers: dict[str, nn.Module],
@@ -116,7 +117,7 @@ def _probe(model: nn.Module, names: list[str],
     was_training = model.training
     taps = Taps(model.eval(), names)
     try:
-        out = model(example)
+        out = call(model, example)
         return out, {n: taps.take(n) for n in names}
     finally:
         taps.close()
@@ -155,10 +156,10 @@ class Objective:
     def __call__(self, net: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         x = batch.x
         if self.noise:
-            x = x + self.noise * torch.randn_like(x)
-        logits = net(x)
+            x = perturb(x, self.noise)
+        logits = call(net, x)
         if self.noise and self.source.cached is None:
-            teacher = self.source.live(batch.x + self.noise * torch.randn_like(batch.x))
+            teacher = self.source.live(perturb(batch.x, self.noise))
         else:
             teacher = self.source(batch)
         distiller = cast(Distiller, getattr(net, "module", net))  # unwrap DDP

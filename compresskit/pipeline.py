@@ -59,19 +59,29 @@ def common_hash(loaded: LoadedPipeline, device: str, world_size: int = 1) -> str
     cfg = loaded.config
     parts: dict[str, Any] = {
         "compresskit": __version__, "seed": cfg.seed, "device": device, "world_size": world_size,
-        "data": cfg.data.model_dump(), "input": cfg.input.model_dump(),
+        "data": cfg.data.model_dump(), "input": [i.model_dump() for i in cfg.inputs],
+        "task": cfg.task,
     }
     if ":" in cfg.data.source:
         parts["data_code"] = source_digest(cfg.data.source, loaded.base_dir)
     return _digest(parts)
 
 
+def code_digest(source: str, base_dir: Path) -> str:
+    """Hash of what a model source loads: its Python file, or a Hugging Face folder's files."""
+    from compresskit import hf
+
+    return hf.digest(source, base_dir) if hf.is_hf(source) else source_digest(source, base_dir)
+
+
 def model_hashes(loaded: LoadedPipeline) -> dict[str, str]:
     """Initial version of each model: its section, the code behind its source, its checkpoint."""
     out = {}
     for role, (_, mcfg) in loaded.config.model_sections().items():
-        parts: dict[str, Any] = {"config": mcfg.model_dump(),
-                                 "code": source_digest(mcfg.source, loaded.base_dir)}
+        source = mcfg.source if mcfg.source is not None else \
+            loaded.config.model_sections()["teacher"][1].source
+        parts: dict[str, Any] = {"config": mcfg.model_dump(), "code": code_digest(
+            str(source), loaded.base_dir)}
         if mcfg.checkpoint:
             path = resolve_path(mcfg.checkpoint, loaded.base_dir)
             parts["checkpoint"] = sha256_file(path) if path is not None else mcfg.checkpoint
@@ -82,6 +92,18 @@ def model_hashes(loaded: LoadedPipeline) -> dict[str, str]:
 def _plain(role: str) -> dict[str, Any]:
     """A model as its own source builds it: no structural edits."""
     return {"base": role, "edits": []}
+
+
+def initial_structure(cfg: Any, role: str) -> dict[str, Any]:
+    """How a model is first built: from its own source, or (from_teacher) from the teacher
+    with only the chosen layers kept."""
+    from compresskit.structure import layers_edit
+
+    section = cfg.model_sections().get(role)
+    origin = section[1].from_teacher if section is not None else None
+    if origin is None:
+        return _plain(role)
+    return {"base": "teacher", "edits": [layers_edit(origin.path, origin.layers)]}
 
 
 @dataclass
@@ -112,7 +134,8 @@ class Runner:
         self._models: dict[str, nn.Module] = {}
         roles = ("teacher", "student", *self.cfg.models)
         self._state: dict[str, str | None] = {role: None for role in roles}
-        self._structure: dict[str, dict[str, Any]] = {role: _plain(role) for role in roles}
+        self._structure: dict[str, dict[str, Any]] = {role: initial_structure(self.cfg, role)
+                                                      for role in roles}
         self._fresh: dict[str, nn.Module] = {}
         self.device: Any = None
 
@@ -121,8 +144,8 @@ class Runner:
         if self._splits is None:
             from compresskit.data import load_data
 
-            self._splits = load_data(self.cfg.data, self.cfg.input, self.loaded.base_dir,
-                                     str(self.loaded.path))
+            self._splits = load_data(self.cfg.data, self.cfg.inputs, self.loaded.base_dir,
+                                     str(self.loaded.path), self.cfg.task)
         return self._splits
 
     def _model(self, role: str) -> nn.Module:
@@ -140,7 +163,12 @@ class Runner:
         model = self._fresh.pop(role, None) if base == role else None
         if model is None:
             model = modelio.build(mcfg, base, self.loaded.base_dir,
-                                  model_seed(self.cfg.seed, base))
+                                  model_seed(self.cfg.seed, base), self.cfg.inputs)
+            trained = self._state.get(base)
+            if base != role and self._state[role] is None and trained is not None \
+                    and not self._structure[base]["edits"]:
+                # from_teacher: copy the teacher as earlier stages left it, not as built
+                modelio.load_weights(model, inside(self.run_dir, trained), f"{base} checkpoint")
         structure.apply(model, edits)
         checkpoint = self._state[role]
         if checkpoint is not None:
@@ -168,7 +196,7 @@ class Runner:
             stage_hash = _digest({
                 "common": common, "index": index,
                 "stage": stage_cfg.model_dump(mode="json", exclude=NOT_HASHED),
-                "models": {r: versions[r] for r in stage_cfg.models_needed},
+                "models": {r: self._version(r, versions) for r in stage_cfg.models_needed},
                 "artifacts": artifact_writers if stage_cfg.reads_artifacts else [],
             })
             # Rank 0 alone reads the run folder; the others follow its decision.
@@ -190,6 +218,14 @@ class Runner:
             self.records.append(StageRecord(index, stage_cfg.type, name, status, seconds,
                                             manifest))
         return self.records
+
+    def _version(self, role: str, versions: dict[str, str]) -> str:
+        """A model's version; one not yet changed that is built from another model
+        (from_teacher) follows that model's version."""
+        base = self._structure[role]["base"]
+        if base != role and self._state.get(role) is None:
+            return _digest([versions[role], versions[base]])
+        return versions[role]
 
     def _cached(self, name: str, stage_hash: str) -> dict[str, Any] | None:
         """The stage's manifest when it finished with this very hash and its files are there."""

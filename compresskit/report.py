@@ -7,11 +7,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from compresskit import __version__
+from compresskit import __version__, quality
 from compresskit.artifacts import write_json, write_text
 
 
-def build(name: str, records: list[Any], seconds: float, pipeline: str) -> dict[str, Any]:
+def build(name: str, records: list[Any], seconds: float, pipeline: str,
+          task: str = "classify") -> dict[str, Any]:
     stages, artifacts, benchmarks = [], [], []
     for r in records:
         m = r.manifest
@@ -26,6 +27,7 @@ def build(name: str, records: list[Any], seconds: float, pipeline: str) -> dict[
     return {
         "name": name, "compresskit_version": __version__, "seconds": round(seconds, 3),
         "pipeline": pipeline, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "task": task, "metric": quality.primary(task),
         "stages": stages, "artifacts": artifacts, "benchmarks": benchmarks,
     }
 
@@ -46,22 +48,48 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
+def _metric(report: dict[str, Any]) -> str:
+    """The quality metric results are ranked by (accuracy, or cosine to the teacher)."""
+    return str(report.get("metric", "accuracy"))
+
+
+def _label(report: dict[str, Any]) -> str:
+    return quality.LABELS.get(_metric(report), _metric(report))
+
+
+def _delta(report: dict[str, Any], new: float, old: float) -> str:
+    """A change in the metric: points for accuracy, a plain difference otherwise."""
+    if _metric(report) == "accuracy":
+        return f"{100 * (new - old):+.1f} points"
+    return f"{new - old:+.4f} {_label(report)}"
+
+
+def _at(b: dict[str, Any]) -> str:
+    return f"batch {b['batch_size']}" + (f", length {b['length']}" if b.get("length") else "")
+
+
 def _pace(speedup: float) -> str:
     return f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower"
 
 
 def _by_target_and_batch(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, int, int], list[dict[str, Any]]] = {}
     for b in rows:
-        groups.setdefault((b["target"], b["batch_size"]), []).append(b)
-    return [groups[k] for k in sorted(groups, key=str)]
+        groups.setdefault((b["target"], b["batch_size"], b.get("length") or 0), []).append(b)
+    return [groups[k] for k in sorted(groups)]
 
 
 def quantization_rows(report: dict[str, Any]) -> list[list[str]]:
     """INT8 artifacts against the FP32 file of the same model, at the first target's batch 1
     (or smallest batch): what QAT with and without distillation and PTQ each bought."""
     out = []
-    for group in _by_target_and_batch(report["benchmarks"])[:1]:
+    k = _metric(report)
+    groups = _by_target_and_batch(report["benchmarks"])
+    first = groups[0][0] if groups else {}
+    for group in groups:
+        if (group[0]["target"], group[0]["batch_size"]) != (first["target"],
+                                                            first["batch_size"]):
+            continue
         fp32 = {b["model"]: b for b in group if b.get("precision") == "fp32"}
         for q in group:
             base = fp32.get(q.get("model"))
@@ -69,8 +97,8 @@ def quantization_rows(report: dict[str, Any]) -> list[list[str]]:
                 continue
             art: dict[str, Any] = next(
                 (a for a in report["artifacts"] if a["path"] == q["artifact"]), {})
-            out.append([q["model"], str(q.get("method")), _fmt(base["accuracy"]),
-                        _fmt(q["accuracy"]), f"{100 * (q['accuracy'] - base['accuracy']):+.1f}",
+            out.append([q["model"], str(q.get("method")), str(q.get("length") or "-"),
+                        _fmt(base[k]), _fmt(q[k]), _delta(report, q[k], base[k]),
                         f"{base['latency_ms']['p50']:.3f} -> {q['latency_ms']['p50']:.3f}",
                         f"{base['latency_ms']['p50'] / q['latency_ms']['p50']:.2f}x",
                         f"{q['bytes'] / max(1, base['bytes']):.2f}",
@@ -117,44 +145,57 @@ def distill_rows(report: dict[str, Any]) -> list[list[str]]:
 def headline(report: dict[str, Any]) -> list[str]:
     """Plain-words findings drawn only from measured numbers."""
     lines = []
+    k = _metric(report)
     for s in report["stages"]:
         m = s["metrics"]
         if s["type"] == "distill" and "accuracy" in m:
             lines.append(_distill_line(m))
             lines += [f"Warning ({s['name']}): {w}." for w in m.get("warnings", [])]
+        if s["type"] == "distill" and "cosine" in m:
+            start = m.get("initial", {})
+            lines.append(
+                f"Distilled student on the {m.get('eval_split')} split: cosine to the teacher's "
+                f"embeddings {start.get('cosine', float('nan')):.4f} -> {m['cosine']:.4f}, "
+                f"top-1 nearest-neighbour agreement {start.get('nn_agreement', float('nan')):.4f}"
+                f" -> {m['nn_agreement']:.4f} (torch, FP32).")
         if "change" in m:
             c = m["change"]
             lines.append(
                 f"{s['type'].capitalize()} ({s['name']}): MACs x{c['macs_ratio']:.2f}, params "
                 f"x{c['params_ratio']:.2f}, batch-1 latency {m['before']['latency_ms']:.3f} -> "
                 f"{m['after']['latency_ms']:.3f} ms (x{1 / c['latency_speedup']:.2f}), "
-                f"accuracy {m['before']['accuracy']:.4f} -> {m['after']['accuracy']:.4f}"
-                f" ({100 * c['accuracy_change']:+.1f} points).")
+                f"{_label(report)} {m['before'][k]:.4f} -> {m['after'][k]:.4f}"
+                f" ({_delta(report, m['after'][k], m['before'][k])}).")
             lines += [f"Warning ({s['name']}): {w}." for w in c["warnings"]]
     for group in _by_target_and_batch(report["benchmarks"]):
         fp32 = {b["model"]: b for b in group if b.get("precision") == "fp32"}
         b, t = fp32.get("student"), fp32.get("teacher")
         if b is not None and t is not None:
-            target, bs = b["target"], b["batch_size"]
             speedup = (b["speedup"] if b.get("speedup_vs") == t["artifact"]
                        else t["latency_ms"]["p50"] / b["latency_ms"]["p50"])
             lines.append(
-                f"On {target} at batch {bs}, the student ONNX runs {_pace(speedup)} than the "
+                f"On {b['target']} at {_at(b)}, the student ONNX runs {_pace(speedup)} than the "
                 f"teacher ONNX (p50 {b['latency_ms']['p50']:.3f} vs "
-                f"{t['latency_ms']['p50']:.3f} ms) at "
-                f"{100 * (b['accuracy'] - t['accuracy']):+.1f} points, in a "
-                f"{t['bytes'] / max(1, b['bytes']):.0f}x smaller file.")
+                f"{t['latency_ms']['p50']:.3f} ms) at {_delta(report, b[k], t[k])}, in a "
+                f"{t['bytes'] / max(1, b['bytes']):.1f}x smaller file.")
         for q in group:
             base = fp32.get(q.get("model"))
             if q.get("precision") != "int8" or base is None:
                 continue
             lines.append(
-                f"On {q['target']} at batch {q['batch_size']}, the INT8 {q['model']} "
+                f"On {q['target']} at {_at(q)}, the INT8 {q['model']} "
                 f"({q.get('method')}) runs "
                 f"{_pace(base['latency_ms']['p50'] / q['latency_ms']['p50'])} than its FP32 "
                 f"file (p50 {q['latency_ms']['p50']:.3f} vs {base['latency_ms']['p50']:.3f} ms) "
-                f"at {100 * (q['accuracy'] - base['accuracy']):+.1f} points, in "
+                f"at {_delta(report, q[k], base[k])}, in "
                 f"{q['bytes'] / max(1, base['bytes']):.2f}x the bytes.")
+            teacher = fp32.get("teacher")
+            if q.get("model") == "student" and teacher is not None:
+                lines.append(
+                    f"On {q['target']} at {_at(q)}, the INT8 student runs "
+                    f"{_pace(teacher['latency_ms']['p50'] / q['latency_ms']['p50'])} than the "
+                    f"FP32 teacher at {_delta(report, q[k], teacher[k])}, in "
+                    f"{q['bytes'] / max(1, teacher['bytes']):.2f}x its bytes.")
     return lines
 
 
@@ -169,10 +210,11 @@ class Section:
 
 
 def sections(report: dict[str, Any]) -> list[Section]:
+    k, label = _metric(report), _label(report)
     out = [Section("Stages", ["stage", "status", "seconds", "params", "MACs", "ONNX KiB",
-                              "batch-1 ms, 1 thread", "accuracy"], [
+                              "batch-1 ms, 1 thread", label], [
         [f"{s['index']:02d}-{s['type']}", s["status"], _fmt(s["seconds"], 1), _fmt(s["params"]),
-         *_measured(s["metrics"]), _fmt(s["metrics"].get("accuracy"))]
+         *_measured(s["metrics"]), _fmt(s["metrics"].get(k))]
         for s in report["stages"]],
         ["MACs, size and latency of each stage's result, measured on an ONNX export of it "
          "(FP32; for qat and ptq the INT8 file) with onnxruntime, batch 1, one thread; "
@@ -199,16 +241,17 @@ def sections(report: dict[str, Any]) -> list[Section]:
                 f"{before['onnx_bytes'] / 1024:.1f} -> {after['onnx_bytes'] / 1024:.1f}",
                 f"{before['latency_ms']:.3f} -> {after['latency_ms']:.3f} "
                 f"({s['metrics']['change']['latency_speedup']:.2f}x)",
-                f"{before['accuracy']:.4f} -> {after['accuracy']:.4f}"])
+                f"{before[k]:.4f} -> {after[k]:.4f}"])
         out.append(Section("Compression steps (before -> after, measured on FP32 ONNX exports)",
                            ["stage", "params", "MACs", "ONNX KiB", "batch-1 ms, 1 thread",
-                            "accuracy"], rows))
+                            label], rows))
     quant_rows = quantization_rows(report)
     if quant_rows:
         first = report["benchmarks"][0]
         out.append(Section(f"INT8 against FP32 ({first['target']}, batch "
                            f"{first['batch_size']}, measured on the files)",
-                           ["model", "method", "FP32 accuracy", "INT8 accuracy", "points",
+                           ["model", "method", "length", f"FP32 {label}", f"INT8 {label}",
+                            "change",
                             "p50 ms FP32 -> INT8", "speedup", "size ratio", "int8_coverage"],
                            quant_rows))
     if report["artifacts"]:
@@ -216,16 +259,21 @@ def sections(report: dict[str, Any]) -> list[Section]:
             [f"`{a['path']}`", a["precision"], _fmt(a["bytes"]), a["sha256"][:12]]
             for a in report["artifacts"]]))
     for target in dict.fromkeys(b["target"] for b in report["benchmarks"]):
-        rows = [[f"`{b['artifact']}`", str(b["batch_size"]), str(b["threads"]),
+        lengths = any(b.get("length") for b in report["benchmarks"])
+        rows = [[f"`{b['artifact']}`", str(b["batch_size"]),
+                 *([str(b.get("length") or "-")] if lengths else []), str(b["threads"]),
                  _fmt(b["latency_ms"]["p50"], 3), _fmt(b["latency_ms"]["p90"], 3),
                  _fmt(b["latency_ms"]["p99"], 3), _fmt(b["throughput_per_s"], 1),
-                 _cold(b), _fmt(b["peak_rss_mb"], 1), _fmt(b["accuracy"]),
+                 _cold(b), _fmt(b["peak_rss_mb"], 1),
+                 *[_fmt(b.get(m)) for m in quality.METRICS[report.get("task", "classify")]],
                  _fmt(b.get("file_bytes", b.get("bytes")))]
                 for b in report["benchmarks"] if b["target"] == target]
         out.append(Section(f"Target {target} (onnxruntime, measured on the files)",
-                           ["artifact", "batch", "threads", "p50 ms", "p90 ms", "p99 ms",
-                            "throughput/s", "cold start ms (session + first run)",
-                            "peak RSS MB", "accuracy", "bytes"], rows))
+                           ["artifact", "batch", *(["length"] if lengths else []), "threads",
+                            "p50 ms", "p90 ms", "p99 ms", "throughput/s",
+                            "cold start ms (session + first run)", "peak RSS MB",
+                            *[quality.LABELS[m] for m in quality.METRICS[
+                                report.get("task", "classify")]], "bytes"], rows))
     unavailable = {k: v for s in report["stages"]
                    for k, v in s["metrics"].get("unavailable_targets", {}).items()}
     if unavailable:
@@ -256,27 +304,32 @@ def verdicts(report: dict[str, Any]) -> list[str]:
     tol = next((s["metrics"]["verdict_tolerance"] for s in report["stages"]
                 if "verdict_tolerance" in s["metrics"]), 0.01)
     lines = []
+    k = _metric(report)
     for target in dict.fromkeys(b["target"] for b in report["benchmarks"]):
         rows = [b for b in report["benchmarks"] if b["target"] == target]
         bs = min(b["batch_size"] for b in rows)
         rows = [b for b in rows if b["batch_size"] == bs]
-        best = max(b["accuracy"] for b in rows)
-        pick = min((b for b in rows if b["accuracy"] >= best - tol - 1e-12),
+        # With several sequence lengths, judge at the longest: where the cost is.
+        longest = max((b.get("length") or 0) for b in rows)
+        rows = [b for b in rows if (b.get("length") or 0) == longest]
+        best = max(b[k] for b in rows)
+        pick = min((b for b in rows if b[k] >= best - tol - 1e-12),
                    key=lambda b: b["latency_ms"]["p50"])
         ref = next((b for b in rows if b.get("model") == "teacher"
                     and b.get("precision") == "fp32"), rows[0])
         name = Path(pick["artifact"]).name
-        within = f"{100 * tol:g} point{'' if tol == 0.01 else 's'}"
+        within = f"{100 * tol:g} point{'' if tol == 0.01 else 's'}" if k == "accuracy" \
+            else f"{tol:g} {_label(report)}"
+        best_one = "the most accurate one" if k == "accuracy" else "the best one"
         if pick is ref:
             lines.append(f"{target}: ship {name}: no other file is as fast within {within} "
-                         f"of the most accurate one (batch {bs}).")
+                         f"of {best_one} ({_at(pick)}).")
             continue
         pace = _pace(ref["latency_ms"]["p50"] / pick["latency_ms"]["p50"])
-        points = 100 * (pick["accuracy"] - ref["accuracy"])
         lines.append(
-            f"{target}: ship {name}: {pace} than {Path(ref['artifact']).name} at {points:+.1f} "
-            f"points, {pick['bytes'] / max(1, ref['bytes']):.2f}x its size (batch {bs}: the "
-            f"fastest file within {within} of the most accurate one).")
+            f"{target}: ship {name}: {pace} than {Path(ref['artifact']).name} at "
+            f"{_delta(report, pick[k], ref[k])}, {pick['bytes'] / max(1, ref['bytes']):.2f}x "
+            f"its size ({_at(pick)}: the fastest file within {within} of {best_one}).")
     return lines
 
 

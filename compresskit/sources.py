@@ -124,6 +124,24 @@ def resolve(spec: str, base_dir: Path) -> Callable[..., Any]:
     return obj  # type: ignore[no-any-return]
 
 
+def resolve_attr(spec: str, base_dir: Path) -> Any:
+    """Any attribute named by 'module:attr' or 'file.py:attr' (a value, not only a callable)."""
+    parsed = parse_spec(spec)
+    if parsed.is_file:
+        module = _import_file(locate(parsed.module, base_dir, "file"))
+    else:
+        try:
+            module = importlib.import_module(parsed.module)
+        except ImportError as e:
+            raise SourceError(f"cannot import {parsed.module}: {e}") from None
+    obj: Any = module
+    for part in parsed.attr.split("."):
+        if not hasattr(obj, part):
+            raise SourceError(f"{parsed.module} has no '{parsed.attr}'")
+        obj = getattr(obj, part)
+    return obj
+
+
 def call_user(fn: Callable[..., Any], kwargs: dict[str, Any], what: str) -> Any:
     """Call a user's factory; their exception becomes a SourceError naming it and its line."""
     import inspect

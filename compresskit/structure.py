@@ -93,6 +93,48 @@ def _lowrank(model: nn.Module, layers: dict[str, Any]) -> None:
         set_module(model, name, build(layer, int(spec["rank"]), weights=False))  # type: ignore[arg-type]
 
 
+def layer_list(model: nn.Module, path: str | None) -> tuple[str, nn.ModuleList]:
+    """The transformer layer list: the module at `path`, or the longest ModuleList whose
+    blocks are all of one type."""
+    if path is not None:
+        for name in (path, f"model.{path}"):
+            try:
+                found = get_module(model, name)
+            except AttributeError:
+                continue
+            if isinstance(found, nn.ModuleList):
+                return name, found
+        raise ValueError(f"from_teacher.path '{path}' is not a torch.nn.ModuleList in the "
+                         "teacher")
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) >= 2 \
+                and len({type(m) for m in module}) == 1 \
+                and (best is None or len(module) > len(best[1])):
+            best = (name, module)
+    if best is None:
+        raise ValueError("the teacher has no list of repeated layers (a torch.nn.ModuleList of "
+                         "identical blocks) to take layers from; set from_teacher.path")
+    return best
+
+
+def layers_edit(path: str | None, keep: list[int]) -> dict[str, Any]:
+    return {"op": "layers", "path": path, "keep": list(keep)}
+
+
+def _layers(model: nn.Module, path: str | None, keep: list[int]) -> None:
+    name, layers = layer_list(model, path)
+    bad = [i for i in keep if i >= len(layers)]
+    if bad:
+        raise ValueError(f"from_teacher.layers has {bad[0]}, but the teacher's '{name}' has "
+                         f"{len(layers)} layers (0 to {len(layers) - 1})")
+    set_module(model, name, nn.ModuleList([layers[i] for i in keep]))
+    for module in model.modules():  # Hugging Face models read the count from their config
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "num_hidden_layers"):
+            config.num_hidden_layers = len(keep)
+
+
 def apply(model: nn.Module, edits: list[dict[str, Any]]) -> nn.Module:
     """Replay recorded edits, in order, on a model built from its source (weights follow)."""
     with torch.no_grad():
@@ -101,6 +143,8 @@ def apply(model: nn.Module, edits: list[dict[str, Any]]) -> nn.Module:
                 _reshape(model, edit["modules"])
             elif edit["op"] == "lowrank":
                 _lowrank(model, edit["layers"])
+            elif edit["op"] == "layers":
+                _layers(model, edit["path"], edit["keep"])
             else:
                 raise ValueError(f"unknown structural edit '{edit['op']}'")
     return model

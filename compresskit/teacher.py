@@ -30,6 +30,7 @@ from compresskit.config import TeacherCacheOptions
 from compresskit.context import StageContext
 from compresskit.errors import StageError
 from compresskit.features import Taps
+from compresskit.inputs import as_tensors, call, count, to
 from compresskit.training import Batch, loader, unpack
 
 LOGITS = "logits"
@@ -52,8 +53,8 @@ def data_digest(ds: Dataset, config: Any, samples: int = 64) -> str:
     h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     h.update(str(n).encode())
     for i in sorted({int(j) for j in np.linspace(0, n - 1, min(n, samples))}):
-        x = torch.as_tensor(unpack(ds[i])[0]).contiguous()
-        h.update(x.reshape(-1).view(torch.uint8).numpy().tobytes())
+        for x in _parts(unpack(ds[i])[0]):
+            h.update(x.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -61,10 +62,15 @@ def augmented(ds: Dataset) -> bool:
     """Whether the split draws random augmentations: the same index gives different inputs."""
     n = len(ds)  # type: ignore[arg-type]
     for i in dict.fromkeys((0, n // 2, n - 1)):
-        a, b = torch.as_tensor(unpack(ds[i])[0]), torch.as_tensor(unpack(ds[i])[0])
-        if a.shape != b.shape or not torch.equal(a, b):
-            return True
+        for a, b in zip(_parts(unpack(ds[i])[0]), _parts(unpack(ds[i])[0]), strict=True):
+            if a.shape != b.shape or not torch.equal(a, b):
+                return True
     return False
+
+
+def _parts(x: Any) -> list[torch.Tensor]:
+    """A sample's input tensors (one, or one per input)."""
+    return [torch.as_tensor(v) for v in (x if isinstance(x, (tuple, list)) else [x])]
 
 
 def output_key(name: str, module: str | None) -> str:
@@ -90,7 +96,7 @@ class TeacherOutputs:
             model.eval()  # an EMA teacher sits inside a module that training sets to train()
             taps = Taps(model, self.modules[name], f"teacher '{name}'")
             try:
-                out[name] = model(x)
+                out[name] = call(model, x)
                 for module in self.modules[name]:
                     out[output_key(name, module)] = taps.take(module)
             finally:
@@ -140,7 +146,7 @@ class TeacherOutputs:
         temps: dict[str, Path] = {}
         start = 0
         for sample in loader(ds, batch_size, shuffle=False, seed=0):
-            x = torch.as_tensor(unpack(sample)[0]).to(self.device)
+            x = to(as_tensors(unpack(sample)[0]), self.device)
             out = self.live(x)
             for k in todo:
                 value = out[k].float().cpu().numpy()
@@ -150,7 +156,7 @@ class TeacherOutputs:
                         temps[k], mode="w+", dtype=np.dtype(precision),
                         shape=(n, *value.shape[1:]))
                 arrays[k][start:start + len(value)] = value
-            start += len(x)
+            start += count(x)
         for k, array in arrays.items():
             array.flush()
             del array

@@ -14,6 +14,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from compresskit import distributed as dist
 from compresskit.config import TrainingOptions
+from compresskit.inputs import as_tensors, call, to
+from compresskit.inputs import count as count_of
 
 
 @dataclass
@@ -21,7 +23,8 @@ class Batch:
     """One training batch: inputs, labels (None for a split of bare inputs), and the samples'
     indices in the split (what the teacher-output cache is looked up by)."""
 
-    x: torch.Tensor
+    x: Any
+    """A tensor, or a tuple of tensors for a model with several inputs (compresskit.inputs)."""
     y: torch.Tensor | None
     index: torch.Tensor
 
@@ -54,7 +57,7 @@ class Indexed(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         x, y = unpack(self.ds[i])
-        out = {"x": torch.as_tensor(x), "index": i}
+        out = {"x": as_tensors(x), "index": i}
         if y is not None:
             out["y"] = torch.as_tensor(y)
         return out
@@ -98,9 +101,10 @@ def predict(model: nn.Module, ds: Dataset, batch_size: int,
     outs, labels = [], []
     for sample in loader(ds, batch_size, shuffle=False, seed=0):
         x, y = unpack(sample)
-        outs.append(model(x.to(device)).float().cpu())
-        labels.append(torch.as_tensor(y))
-    return torch.cat(outs), torch.cat(labels)
+        outs.append(call(model, to(x, device)).float().cpu())
+        if y is not None:
+            labels.append(torch.as_tensor(y))
+    return torch.cat(outs), torch.cat(labels) if labels else torch.empty(0)
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -184,7 +188,7 @@ def fit(model: nn.Module, train: Dataset, opts: TrainingOptions, *, batch_size: 
         total, count = 0.0, 0
         for raw in data:
             y = raw.get("y")
-            batch = Batch(raw["x"].to(device), None if y is None else y.to(device),
+            batch = Batch(to(raw["x"], device), None if y is None else y.to(device),
                           raw["index"])
             loss, terms = step(net, batch)
             value = float(loss.detach())
@@ -201,12 +205,12 @@ def fit(model: nn.Module, train: Dataset, opts: TrainingOptions, *, batch_size: 
             sched.step()
             if after_step is not None:
                 after_step()
-            total += value * len(batch.x)
-            count += len(batch.x)
+            total += value * count_of(batch.x)
+            count += count_of(batch.x)
             global_step += 1
         history["loss"].append(dist.mean(total / max(1, count), device))
         info = f"loss {history['loss'][-1]:.4f}"
-        if val is not None:
+        if val is not None and has_labels(val):
             history["val_accuracy"].append(evaluate(model, val, eval_batch_size, device))
             info += f"  val acc {history['val_accuracy'][-1]:.4f}"
         if task is not None:
@@ -250,5 +254,5 @@ def _wrap(model: nn.Module, device: torch.device) -> nn.Module:
 def cross_entropy_step(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
     if batch.y is None:  # callers check has_labels first; reaching here is our bug
         raise RuntimeError("cross-entropy on a batch without labels")
-    loss = nn.functional.cross_entropy(model(batch.x), batch.y)
+    loss = nn.functional.cross_entropy(call(model, batch.x), batch.y)
     return loss, {"ce": float(loss.detach())}

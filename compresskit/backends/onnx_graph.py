@@ -1,7 +1,9 @@
 """Reading ONNX graphs: multiply-accumulates per node, counted on the exported graph itself.
 
-Shapes come from onnx's shape inference with every symbolic dimension (the batch) set to 1, so
-the count is per sample. Conv, ConvTranspose, Gemm and MatMul are counted; elementwise ops,
+Shapes come from onnx's shape inference (onnxruntime's symbolic shape inference where onnx's
+leaves a counted node unknown, as in Hugging Face transformer graphs) with the batch set to 1,
+so the count is per sample, and other symbolic dimensions (a sequence length) set to `sizes`.
+Conv, ConvTranspose, Gemm and MatMul are counted; elementwise ops,
 pooling and normalisation are not (they are a small share of the work of the models this
 toolkit compresses, and no MAC convention agrees on them).
 """
@@ -28,15 +30,20 @@ class NodeMacs:
     an initializer, or behind QuantizeLinear/DequantizeLinear in a quantized graph)."""
 
 
-def _fix_batch(model: onnx.ModelProto) -> None:
+def _fix_batch(model: onnx.ModelProto, sizes: dict[str, int] | None = None) -> None:
     for value in [*model.graph.input, *model.graph.output]:
         for dim in value.type.tensor_type.shape.dim:
             if not dim.HasField("dim_value"):
-                dim.dim_value = 1
+                dim.dim_value = (sizes or {}).get(dim.dim_param, 1)
 
 
-def _shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
-    inferred = shape_inference.infer_shapes(model, data_prop=True)
+def _shapes(model: onnx.ModelProto, symbolic: bool = False) -> dict[str, list[int]]:
+    if symbolic:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    else:
+        inferred = shape_inference.infer_shapes(model, data_prop=True)
     out: dict[str, list[int]] = {}
     for value in [*inferred.graph.input, *inferred.graph.output, *inferred.graph.value_info]:
         dims = value.type.tensor_type.shape.dim
@@ -47,11 +54,18 @@ def _shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
     return out
 
 
-def node_macs(path: Path | str) -> list[NodeMacs]:
-    """MACs per sample of every Conv/Gemm/MatMul node whose shapes are known."""
+def node_macs(path: Path | str, sizes: dict[str, int] | None = None) -> list[NodeMacs]:
+    """MACs per sample of every Conv/Gemm/MatMul node whose shapes are known; `sizes` gives
+    symbolic dimensions other than the batch by name (e.g. {'sequence': 128})."""
     model = onnx.load(str(path))
-    _fix_batch(model)
+    _fix_batch(model, sizes)
     shapes = _shapes(model)
+    counted = [n for n in model.graph.node if n.op_type in COUNTED and n.output]
+    if any(i not in shapes for n in counted for i in [n.output[0], *n.input[:2]]):
+        try:
+            shapes = _shapes(model, symbolic=True)
+        except Exception:  # noqa: BLE001 - keep onnx's partial shapes
+            pass
     rows = []
     for node in model.graph.node:
         if node.op_type not in COUNTED or not node.output:
@@ -76,6 +90,6 @@ def node_macs(path: Path | str) -> list[NodeMacs]:
     return rows
 
 
-def total_macs(path: Path | str) -> int:
-    return sum(r.macs for r in node_macs(path))
+def total_macs(path: Path | str, sizes: dict[str, int] | None = None) -> int:
+    return sum(r.macs for r in node_macs(path, sizes))
 

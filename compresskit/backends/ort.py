@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from compresskit import inputs
 from compresskit.targets import Target
 
 NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
@@ -84,6 +86,7 @@ def to_ort_format(path: Path, folder: Path) -> Path:
         src = Path(tmp) / path.name
         shutil.copyfile(path, src)
         noise = io.StringIO()
+        logging.getLogger("ort_format_model.utils").setLevel(logging.WARNING)  # its INFO lines
         with contextlib.redirect_stdout(noise), contextlib.redirect_stderr(noise):
             convert_onnx_models_to_ort(src, output_dir=Path(tmp) / "out",
                                        optimization_styles=[OptimizationStyle.Fixed],
@@ -133,16 +136,23 @@ def pinned(target: Target) -> Iterator[None]:
         os.sched_setaffinity(0, before)
 
 
-def predict(sess: ort.InferenceSession, x: np.ndarray, batch_size: int) -> np.ndarray:
-    name = sess.get_inputs()[0].name
-    outs = [sess.run(None, {name: x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)]
+def input_names(sess: ort.InferenceSession) -> list[str]:
+    return [i.name for i in sess.get_inputs()]
+
+
+def predict(sess: ort.InferenceSession, x: Any, batch_size: int) -> np.ndarray:
+    """The first output on `x` (an array, or a tuple of arrays in the session's input order)."""
+    names = input_names(sess)
+    outs = [sess.run(None, inputs.feeds(names, inputs.take(x, slice(i, i + batch_size))))[0]
+            for i in range(0, inputs.count(x), batch_size)]
     return np.concatenate(outs)
 
 
-def batch_of(x: np.ndarray, batch_size: int) -> np.ndarray:
+def batch_of(x: Any, batch_size: int) -> Any:
     """`batch_size` real samples (repeated when the split is smaller)."""
-    reps = -(-batch_size // len(x))
-    return np.ascontiguousarray(np.concatenate([x] * reps)[:batch_size])
+    reps = -(-batch_size // inputs.count(x))
+    return inputs.apply(x, lambda v: np.ascontiguousarray(
+        np.concatenate([v] * reps)[:batch_size]))
 
 
 def synthetic_feeds(sess: ort.InferenceSession, batch_size: int,
@@ -197,13 +207,14 @@ def run_once(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> list[A
 
 
 def time_interleaved(sessions: dict[str, ort.InferenceSession],
-                     feeds: dict[str, dict[str, np.ndarray]] | np.ndarray, runs: int,
+                     feeds: dict[str, dict[str, np.ndarray]] | np.ndarray | tuple[Any, ...],
+                     runs: int,
                      warmup: int, seconds: float | None = None) -> dict[str, list[float]]:
     """Per-run latency (ms) of each session, run round-robin so machine noise hits all alike:
     `runs` rounds, or with `seconds`, rounds until that much time has passed (at least 10)."""
-    if isinstance(feeds, np.ndarray):
-        array = feeds
-        feeds = {k: {s.get_inputs()[0].name: array} for k, s in sessions.items()}
+    if not isinstance(feeds, dict):  # the same inputs for every session
+        x = feeds
+        feeds = {k: inputs.feeds(input_names(s), x) for k, s in sessions.items()}
     for _ in range(warmup):
         for k, s in sessions.items():
             s.run(None, feeds[k])

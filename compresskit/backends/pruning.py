@@ -13,6 +13,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from compresskit.inputs import call
+
 HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads")
 QKV_NAMES = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("q", "k", "v"),
              ("qkv",), ("in_proj",))
@@ -59,7 +61,7 @@ def leaf_order(model: nn.Module, example: torch.Tensor) -> list[str]:
                                                     | nn.Linear)]
     try:
         with torch.no_grad():
-            model.eval()(example)
+            call(model.eval(), example)
     finally:
         for h in hooks:
             h.remove()

@@ -92,6 +92,17 @@ def module_patterns_to_regex(patterns: Iterable[str]) -> list[str]:
     return out
 
 
+class _Top(nn.Module):
+    """A bare nn.Sequential inside a module (nncf.quantize fails on a top-level Sequential)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *x: torch.Tensor) -> torch.Tensor:
+        return self.model(*x)  # type: ignore[no-any-return]
+
+
 def nncf_quantize(model: nn.Module, batches: list[torch.Tensor], *, preset: str,
                   ignore: list[str], overflow_fix: bool, per_channel: bool) -> nn.Module:
     import nncf
@@ -101,6 +112,9 @@ def nncf_quantize(model: nn.Module, batches: list[torch.Tensor], *, preset: str,
         QuantizationParameters,
     )
 
+    if isinstance(model, nn.Sequential):  # NNCF's hooks need a top-level module's own forward
+        model = _Top(model)
+        ignore = [f"model.{p}" for p in ignore]
     scope = nncf.IgnoredScope(patterns=module_patterns_to_regex(ignore), validate=False) \
         if ignore else None
     try:
@@ -276,18 +290,23 @@ def _op_counts(model: onnx.ModelProto) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def ptq(fp32: Path, out: Path, batches: list[np.ndarray], *, per_channel: bool,
-        reduce_range: bool) -> None:
-    """onnxruntime static quantization: QDQ, uint8 activations, int8 weights."""
+def ptq(fp32: Path, out: Path, batches: list[Any], *, per_channel: bool,
+        reduce_range: bool, dynamic: bool = False) -> None:
+    """onnxruntime quantization: static (QDQ, uint8 activations calibrated on `batches`, int8
+    weights) or dynamic (int8 weights of MatMul/Gemm and of embedding tables read by Gather,
+    activations quantized at run time)."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
         QuantType,
+        quantize_dynamic,
         quantize_static,
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    name = onnx.load(str(fp32)).graph.input[0].name
+    from compresskit import inputs
+
+    names = [i.name for i in onnx.load(str(fp32)).graph.input]
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -295,14 +314,19 @@ def ptq(fp32: Path, out: Path, batches: list[np.ndarray], *, per_channel: bool,
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             x = next(self.items, None)
-            return None if x is None else {name: x}
+            return None if x is None else inputs.feeds(names, x)
 
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
-        quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        per_channel=per_channel, reduce_range=reduce_range)
+        if dynamic:
+            quantize_dynamic(str(pre), str(out), weight_type=QuantType.QInt8,
+                             per_channel=per_channel, reduce_range=reduce_range,
+                             op_types_to_quantize=["MatMul", "Gemm", "Gather"])
+        else:
+            quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            per_channel=per_channel, reduce_range=reduce_range)
     model = onnx.load(str(out))
     _compact(model)
     onnx.save(model, str(out))

@@ -10,10 +10,12 @@ from __future__ import annotations
 from compresskit.config.base import (
     NAME_PATTERN,
     DataConfig,
+    FromTeacher,
     InputConfig,
     ModelConfig,
     ModelRole,
     OptimOptions,
+    OutputConfig,
     StageBase,
     Strict,
     TargetConfig,
@@ -47,7 +49,8 @@ from compresskit.config.stages import (
 
 __all__ = [
     "NAME_PATTERN", "STAGE_CONFIGS", "AttentionTerm", "BenchmarkConfig", "CompressOptions",
-    "CosineTerm", "DataConfig", "DistillConfig", "ExportConfig", "FeatureTerm", "InputConfig",
+    "CosineTerm", "DataConfig", "DistillConfig", "ExportConfig", "FeatureTerm", "FromTeacher",
+    "InputConfig", "OutputConfig",
     "Int8Options", "KLTerm", "LossTerm", "LowRankConfig", "ModelConfig", "ModelRole",
     "OptimOptions", "PipelineConfig", "PruneConfig", "PtqConfig", "QatConfig", "StageBase",
     "StageConfig", "StartFrom", "Strict", "TargetConfig", "TeacherCacheOptions",

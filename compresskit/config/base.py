@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 ModelRole = Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]
@@ -39,24 +40,91 @@ class DataConfig(Strict):
 
 
 class InputConfig(Strict):
-    """The model's input, as one sample without the batch dimension."""
+    """One model input, as one sample without the batch dimension."""
 
+    name: str = Field(
+        "input", pattern=r"^[A-Za-z_][A-Za-z0-9_.]*$", max_length=64,
+        description=(
+            "The keyword the model's forward takes this input by (e.g. input_ids), and the "
+            "input's name in the exported ONNX file."
+        ),
+    )
     shape: list[Annotated[int, Field(ge=1)]] = Field(
-        ..., min_length=1, description="Shape of one sample, without the batch dimension."
+        ..., min_length=1,
+        description=(
+            "Shape of one sample, without the batch dimension; a dynamic axis gives the size "
+            "the data is padded or cut to."
+        ),
     )
     dtype: Literal["float32", "float16", "int64", "int32"] = Field(
         "float32", description="Element type of the input tensor."
+    )
+    dynamic: dict[Annotated[int, Field(ge=0)], Annotated[str, Field(pattern=NAME_PATTERN)]] = \
+        Field(
+            default_factory=dict,
+            description=(
+                "Axes of one sample (0 = the first after the batch) whose size may change at "
+                "run time, by name: {0: sequence} exports a dynamic sequence length. Inputs "
+                "that share a name share the axis."
+            ),
+        )
+
+
+class OutputConfig(Strict):
+    """Which output of the model the stages use, and how it is pooled."""
+
+    key: str | int | None = Field(
+        None,
+        description=(
+            "For a model returning a dict, tuple or Hugging Face ModelOutput: the key (or "
+            "index) of the tensor the stages use, e.g. logits or last_hidden_state. Null: the "
+            "model returns one tensor."
+        ),
+    )
+    pool: Literal["mean", "cls"] | None = Field(
+        None,
+        description=(
+            "Pool a [batch, tokens, dim] output into one embedding per sample: 'mean' over the "
+            "tokens the mask input marks (sentence-transformers' mean pooling), 'cls' the first "
+            "token."
+        ),
+    )
+    mask: str = Field(
+        "attention_mask",
+        description="The input whose 1s mark real tokens, for pool: mean.",
+    )
+    normalize: bool = Field(False, description="Scale each embedding to unit length.")
+
+
+class FromTeacher(Strict):
+    """A student made from a copy of the teacher (DistilBERT's recipe)."""
+
+    layers: list[Annotated[int, Field(ge=0)]] = Field(
+        ..., min_length=1,
+        description=(
+            "Indices of the teacher's transformer layers to keep, in order; the student starts "
+            "with their weights and everything else the teacher has (embeddings, pooler)."
+        ),
+    )
+    path: str | None = Field(
+        None,
+        description=(
+            "Module name of the layer list (e.g. encoder.layer); null: the longest "
+            "torch.nn.ModuleList of identical blocks."
+        ),
     )
 
 
 class ModelConfig(Strict):
     """A model: a callable returning a torch.nn.Module, and optionally its weights."""
 
-    source: str = Field(
-        ...,
+    source: str | None = Field(
+        None,
         description=(
             "A callable returning a torch.nn.Module: 'path/to/file.py:callable' (relative to the "
-            "pipeline file's folder, then the working directory) or 'package.module:callable'."
+            "pipeline file's folder, then the working directory), 'package.module:callable', or "
+            "'hf:<folder>' for a Hugging Face transformers model saved in a local folder (or "
+            "'hf:<package>' for an installed package that holds one; needs compresskit[hf])."
         ),
     )
     kwargs: dict[str, Any] = Field(
@@ -65,10 +133,34 @@ class ModelConfig(Strict):
     checkpoint: str | None = Field(
         None,
         description=(
-            "Optional state_dict file (.pt/.pth, loaded with torch.load(weights_only=True)) "
-            "loaded into the model before the first stage."
+            "Optional state_dict file (.pt/.pth, loaded with torch.load(weights_only=True), or "
+            ".safetensors) loaded into the model before the first stage."
         ),
     )
+    output: OutputConfig = Field(
+        default_factory=lambda: OutputConfig(),
+        description="Which output the stages use, for models with several.",
+    )
+    from_teacher: FromTeacher | None = Field(
+        None,
+        description="Build this model from the teacher instead of a source (students only).",
+    )
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> ModelConfig:
+        if self.source is None and self.from_teacher is None:
+            raise PydanticCustomError(
+                "origin", "'source' is missing: give the callable that builds the model "
+                "(file.py:callable, package.module:callable or hf:<folder>), or "
+                "'from_teacher' for a student")
+        if self.source is not None and self.from_teacher is not None:
+            raise PydanticCustomError(
+                "origin", "give 'source' or 'from_teacher', not both")
+        if self.from_teacher is not None and (self.checkpoint or self.kwargs):
+            raise PydanticCustomError(
+                "origin", "a model built from_teacher takes the teacher's weights; remove "
+                "'checkpoint' and 'kwargs'")
+        return self
 
 
 class StageBase(Strict):

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import difflib
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field
+from pydantic import Discriminator, Field, Tag
 
 from compresskit.config.base import (
     NAME_PATTERN,
@@ -35,7 +35,26 @@ class PipelineConfig(Strict):
     )
     data: DataConfig = Field(default_factory=lambda: DataConfig(),
                              description="Data source and batching.")
-    input: InputConfig = Field(..., description="The model input, one sample.")
+    input: Annotated[
+        Union[Annotated[InputConfig, Tag("input")],  # noqa: UP007
+              Annotated[list[InputConfig], Tag("inputs")]],
+        Discriminator(lambda v: "inputs" if isinstance(v, list) else "input"),
+    ] = Field(
+        ...,
+        description=(
+            "The model input, one sample: {shape, dtype} for a model with one input, or a list "
+            "of named inputs ({name, shape, dtype, dynamic}) passed to forward by keyword, in "
+            "the order the data yields them."
+        ),
+    )
+    task: Literal["classify", "embed"] = Field(
+        "classify",
+        description=(
+            "What the model's output is. classify: logits, scored by accuracy on labels. "
+            "embed: an embedding per sample, scored by mean cosine similarity to the teacher's "
+            "embeddings and top-1 nearest-neighbour agreement with the teacher (no labels)."
+        ),
+    )
     teacher: ModelConfig | None = Field(None, description="The large, accurate model.")
     student: ModelConfig | None = Field(None, description="The small model to ship.")
     models: dict[Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)], ModelConfig] = Field(
@@ -46,6 +65,11 @@ class PipelineConfig(Strict):
             "'teacher' and 'student' are the sections above."
         ),
     )
+
+    @property
+    def inputs(self) -> list[InputConfig]:
+        """The inputs as a list, also when `input:` gives one."""
+        return list(self.input) if isinstance(self.input, list) else [self.input]
 
     def model_sections(self) -> dict[str, tuple[tuple[str, ...], ModelConfig]]:
         """Every configured model by name, with the key path of its section."""
@@ -83,6 +107,27 @@ def order_problems(cfg: PipelineConfig) -> list[tuple[tuple[Any, ...], str]]:
     seen: list[str] = []
     exported = quantized = False
     available = set(cfg.model_sections())
+    names = [i.name for i in cfg.inputs]
+    for j, inp in enumerate(cfg.inputs):
+        at: tuple[Any, ...] = ("input", j) if isinstance(cfg.input, list) else ("input",)
+        if names.count(inp.name) > 1:
+            problems.append(((*at, "name"), f"input name '{inp.name}' is given twice"))
+        for axis in inp.dynamic:
+            if axis >= len(inp.shape):
+                problems.append(((*at, "dynamic"), (
+                    f"axis {axis} is not an axis of one sample of shape {inp.shape} (0 is "
+                    "the first axis after the batch)")))
+    if cfg.task == "embed" and cfg.teacher is None:
+        problems.append((("task",), "task: embed scores a model by its agreement with the "
+                         "teacher's embeddings; add a 'teacher:' section"))
+    for role, (keys, section) in cfg.model_sections().items():
+        if section.from_teacher is not None:
+            if role != "student":
+                problems.append(((*keys, "from_teacher"), "only the student can be built "
+                                 "from_teacher"))
+            elif cfg.teacher is None:
+                problems.append(((*keys, "from_teacher"), "from_teacher needs a 'teacher:' "
+                                 "section to copy"))
     for name in cfg.models:
         if name in ("teacher", "student"):
             problems.append((("models", name), f"'{name}' is a top-level section; define it "

@@ -273,6 +273,15 @@ class PtqConfig(Int8Options):
     quantizes: ClassVar[bool] = True
 
     model: ModelRole = Field("student", description="Which exported model to quantize.")
+    dynamic: bool = Field(
+        False,
+        description=(
+            "onnxruntime dynamic quantization instead of static: int8 weights of every "
+            "MatMul/Gemm and embedding table (Gather), activations quantized per batch at run "
+            "time, no calibration. The usual choice for transformers, whose activation ranges "
+            "vary by input."
+        ),
+    )
 
 
 class ExportConfig(StageBase):
@@ -330,6 +339,14 @@ class BenchmarkConfig(StageBase):
     )
     batch_sizes: list[Annotated[int, Field(ge=1)]] = Field(
         default_factory=lambda: [1], min_length=1, description="Batch sizes to time."
+    )
+    lengths: list[Annotated[int, Field(ge=1)]] | None = Field(
+        None, min_length=1,
+        description=(
+            "For models with dynamic input axes (a sequence length): time at each of these "
+            "sizes, with the evaluation samples cut or zero-padded to it (e.g. [16, 128]). "
+            "Null: the size the data has."
+        ),
     )
     runs: int = Field(
         200, ge=10, description="Timed runs per artifact and batch size (after warm-up)."

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from compresskit import bench
+from compresskit import bench, inputs, measure, quality
 from compresskit.backends import ort as ort_backend
 from compresskit.config import BenchmarkConfig
 from compresskit.context import StageContext, StageResult
 from compresskit.errors import StageError
-from compresskit.measure import eval_arrays
 from compresskit.targets import resolve
 
 
@@ -19,13 +18,21 @@ def run(cfg: BenchmarkConfig, ctx: StageContext) -> StageResult:
     # The teacher's FP32 file first: it is the reference each speedup is measured against.
     artifacts = sorted((a for a in ctx.artifacts if a.get("format") == "onnx"),
                        key=lambda a: (a.get("model") != "teacher", a.get("precision") != "fp32"))
-    x, y = eval_arrays(ctx)
+    x, y = measure.eval_arrays(ctx)
     settings = bench.Settings(batch_sizes=tuple(cfg.batch_sizes), threads=cfg.threads,
                               warmup=cfg.warmup, runs=cfg.runs, seconds=cfg.seconds,
                               memory=cfg.memory)
 
-    def feeds(sess: Any, bs: int) -> dict[str, Any]:
-        return {sess.get_inputs()[0].name: ort_backend.batch_of(x, bs)}
+    lengths: list[int | None] = list(cfg.lengths) if cfg.lengths else [None]
+    if cfg.lengths and not any(i.dynamic for i in ctx.config.inputs):
+        raise StageError(ctx.name, "'lengths' needs an input with a dynamic axis; give one "
+                                   "under input: dynamic (e.g. {0: sequence})")
+    metric = quality.primary(ctx.config.task)
+
+    def feeds_at(length: int | None) -> Any:
+        sized = x if length is None else inputs.resize(x, ctx.config.inputs, length)
+        return lambda sess, bs: inputs.feeds(ort_backend.input_names(sess),
+                                             ort_backend.batch_of(sized, bs))
 
     rows: list[dict[str, Any]] = []
     unavailable: dict[str, str] = {}
@@ -34,7 +41,10 @@ def run(cfg: BenchmarkConfig, ctx: StageContext) -> StageResult:
         work = ctx.work_dir / name
         files = {a["path"]: ctx.run_dir / a["path"] for a in artifacts}
         try:
-            measured = bench.measure(files, target, settings, feeds, work)
+            measured = []
+            for length in lengths:
+                for row in bench.measure(files, target, settings, feeds_at(length), work):
+                    measured.append({**row, "length": length} if length else row)
         except ort_backend.TargetUnavailable as e:
             unavailable[name] = str(e)
             ctx.log(f"[yellow]target {name} unavailable:[/yellow] {e}; the other targets go on")
@@ -43,19 +53,21 @@ def run(cfg: BenchmarkConfig, ctx: StageContext) -> StageResult:
             raise StageError(ctx.name, f"target {name}: {e}") from None
         threads = cfg.threads or target.resolved_threads()
         with ort_backend.pinned(target):
-            accuracy = {}
+            scores = {}
             for a in artifacts:
                 sess = ort_backend.session(files[a["path"]], target, threads, work)
-                accuracy[a["path"]] = float((ort_backend.predict(
-                    sess, x, ctx.config.data.eval_batch_size).argmax(1) == y).mean())
+                scores[a["path"]] = measure.score(ctx, ort_backend.predict(
+                    sess, x, ctx.config.data.eval_batch_size), y)
         for row in measured:
             a = next(a for a in artifacts if a["path"] == row["artifact"])
             row.update({"model": a.get("model"), "method": a.get("method"),
                         "precision": a.get("precision"), "bytes": a["bytes"],
-                        "accuracy": accuracy[a["path"]]})
+                        **scores[a["path"]]})
             rows.append(row)
-            ctx.log(f"{name} bs={row['batch_size']} {a['path']}: p50 "
-                    f"{row['latency_ms']['p50']:.3f} ms, acc {row['accuracy']:.4f}")
+            at = f" len={row['length']}" if row.get("length") else ""
+            ctx.log(f"{name} bs={row['batch_size']}{at} {a['path']}: p50 "
+                    f"{row['latency_ms']['p50']:.3f} ms, {quality.LABELS[metric]} "
+                    f"{row[metric]:.4f}")
     if not rows:
         raise StageError(ctx.name, "no target could run here: " + "; ".join(
             f"{k}: {v}" for k, v in unavailable.items()))

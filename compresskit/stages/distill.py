@@ -14,11 +14,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from compresskit import measure, quality
 from compresskit import teacher as teacher_outputs
 from compresskit.config import DistillConfig
 from compresskit.context import StageContext, StageResult
 from compresskit.diagnostics import capacity_warning, diagnostics
 from compresskit.errors import ConfigError, Problem, StageError
+from compresskit.inputs import call, to
 from compresskit.loader import format_path
 from compresskit.measure import snapshot
 from compresskit.modelio import count_params, example_input
@@ -40,12 +42,18 @@ def run(cfg: DistillConfig, ctx: StageContext) -> StageResult:
     if cfg.baseline and not has_labels(data.train):
         raise _bad(ctx, ("baseline",), "baseline: true trains the student with cross-entropy, "
                    "but the training split has no labels; set baseline: false")
+    if ctx.config.task == "embed" and cfg.mode != "kd":
+        raise _bad(ctx, ("mode",), f"mode: {cfg.mode} compares logits; task: embed distils "
+                   "embeddings with mode: kd and a cosine loss term")
     if cfg.mode == "mutual":
         return _mutual(cfg, ctx)
     student = ctx.model("student").to(ctx.device)
     initial = copy.deepcopy(student)
     metrics: dict[str, Any] = {"mode": cfg.mode, "labels": has_labels(data.train),
                                "warnings": []}
+    if ctx.config.task == "embed":
+        metrics["initial"] = _scores(ctx, initial)
+        ctx.log("student before distillation: " + _shown(metrics["initial"]))
     if cfg.mode == "kd":
         metrics.update(_kd(cfg, ctx, student))
     elif cfg.mode == "born_again":
@@ -53,9 +61,12 @@ def run(cfg: DistillConfig, ctx: StageContext) -> StageResult:
         metrics["generation_accuracy"] = generations
     else:
         metrics["ema_accuracy"] = _ema(cfg, ctx, student)
-    bs = ctx.config.data.eval_batch_size
-    metrics.update({"accuracy": evaluate(student, data.eval, bs, ctx.device),
-                    "eval_split": data.eval_name, "measured": snapshot(student, ctx)})
+    metrics.update({**_scores(ctx, student), "eval_split": data.eval_name,
+                    "measured": snapshot(student, ctx)})
+    if ctx.config.task == "embed":
+        ctx.log(f"student on {data.eval_name}: {_shown(_scores(ctx, student))}")
+        return StageResult(metrics=metrics, updated={"student": student},
+                           params=count_params(student))
     if cfg.baseline:
         metrics["baseline_accuracy"] = _baseline(cfg, ctx, initial, cfg.epochs)
         metrics["gain_over_baseline"] = metrics["accuracy"] - metrics["baseline_accuracy"]
@@ -73,13 +84,27 @@ def run(cfg: DistillConfig, ctx: StageContext) -> StageResult:
                        params=count_params(student))
 
 
+def _scores(ctx: StageContext, model: nn.Module) -> dict[str, float]:
+    """The task's metrics of a torch model on the evaluation split."""
+    if ctx.config.task == "embed":
+        x, reference = measure.eval_arrays(ctx)
+        return measure.score(ctx, measure.predict_torch(
+            model, x, ctx.config.data.eval_batch_size), reference)
+    return {"accuracy": evaluate(model, ctx.data().eval, ctx.config.data.eval_batch_size,
+                                 ctx.device)}
+
+
+def _shown(scores: dict[str, float]) -> str:
+    return ", ".join(f"{quality.LABELS[k]} {v:.4f}" for k, v in scores.items())
+
+
 def _bad(ctx: StageContext, key: tuple[Any, ...], message: str) -> ConfigError:
     return ConfigError(Problem(message, key=format_path(("stages", ctx.index, *key))))
 
 
 def _check(cfg: DistillConfig, ctx: StageContext, student: nn.Module,
            teachers: dict[str, nn.Module]) -> None:
-    example = example_input(ctx.config.input, batch=2).to(ctx.device)
+    example = to(example_input(ctx.config.inputs, batch=2), ctx.device)
     found = problems(cfg, student, {n: m.to(ctx.device) for n, m in teachers.items()}, example)
     if found:
         raise ConfigError([Problem(msg, key=format_path(("stages", ctx.index, *key)))
@@ -90,7 +115,7 @@ def _train(cfg: DistillConfig, ctx: StageContext, student: nn.Module, source: Te
            team: list[Teacher], temperature: float, epochs: int, tag: str,
            teacher_model: nn.Module, ema: nn.Module | None = None) -> dict[str, Any]:
     """Train `student` in place against `source`; returns fit's history."""
-    example = example_input(ctx.config.input, batch=2).to(ctx.device)
+    example = to(example_input(ctx.config.inputs, batch=2), ctx.device)
     adapters = Objective.adapters(cfg, student, teacher_model, example)
     distiller = Distiller(student, adapters, ema).to(ctx.device)
     objective = Objective(cfg, distiller, source, team, temperature,
@@ -123,7 +148,8 @@ def _kd(cfg: DistillConfig, ctx: StageContext, student: nn.Module) -> dict[str, 
                 f"(validation accuracy by T: {metrics['temperature_sweep']})")
     team = _team(cfg, temperature)
     _train(cfg, ctx, student, source, team, temperature, cfg.epochs, "student", teachers[first])
-    metrics.update(diagnostics(ctx, student, teachers, team, cfg.confidence_weighting))
+    if ctx.config.task == "classify":
+        metrics.update(diagnostics(ctx, student, teachers, team, cfg.confidence_weighting))
     metrics["temperature"] = temperature
     return metrics
 
@@ -200,16 +226,16 @@ class Cohort(nn.Module):
         super().__init__()
         self.peers = nn.ModuleList(peers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        stacked = torch.stack([p(x) for p in self.peers])
+    def forward(self, *x: torch.Tensor) -> torch.Tensor:
+        stacked = torch.stack([p(*x) for p in self.peers])
         return stacked if self.training else stacked.mean(dim=0)
 
 
 def _mutual(cfg: DistillConfig, ctx: StageContext) -> StageResult:
     peers = {name: ctx.model(name).to(ctx.device) for name in cfg.peers}
-    example = example_input(ctx.config.input, batch=2).to(ctx.device)
+    example = to(example_input(ctx.config.inputs, batch=2), ctx.device)
     with torch.no_grad():
-        classes = {n: int(m.eval()(example).shape[-1]) for n, m in peers.items()}
+        classes = {n: int(call(m.eval(), example).shape[-1]) for n, m in peers.items()}
     if len(set(classes.values())) > 1:
         raise _bad(ctx, ("peers",), "mutual peers must give the same number of classes; they "
                    f"give {classes}")
@@ -218,7 +244,7 @@ def _mutual(cfg: DistillConfig, ctx: StageContext) -> StageResult:
     temperature = float(cfg.temperature)
 
     def step(net: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        logits = net(batch.x)
+        logits = call(net, batch.x)
         total = logits.new_zeros(())
         terms: dict[str, float] = {}
         for name, soft, own in zip(peers, kd.mutual_terms(logits, temperature), logits,

@@ -4,15 +4,15 @@ torch on real evaluation inputs. A model that fails either check leaves no file 
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import numpy as np
 import torch
 
-from compresskit import bundle
+from compresskit import bundle, inputs, quality
 from compresskit.artifacts import atomic_path, sha256_file
 from compresskit.backends import ort as ort_backend
 from compresskit.backends.onnx_export import (
-    INPUT_NAME,
     OUTPUT_NAME,
     ExportError,
     check_model,
@@ -26,31 +26,36 @@ from compresskit.measure import eval_arrays
 from compresskit.targets import TARGETS
 
 
-def eval_inputs(ctx: StageContext, n: int) -> np.ndarray:
+def eval_inputs(ctx: StageContext, n: int) -> Any:
+    from compresskit.training import unpack
+
     ds = ctx.data().eval
     n = min(n, len(ds))  # type: ignore[arg-type]  # map-style, checked by data.load_data
-    return torch.stack([torch.as_tensor(ds[i][0]) for i in range(n)]).numpy()
+    return inputs.numpy(inputs.stack([unpack(ds[i])[0] for i in range(n)]),
+                        [i.dtype for i in ctx.config.inputs])
 
 
-def parity(model: torch.nn.Module, onnx_path: object, x: np.ndarray, atol: float,
+def parity(model: torch.nn.Module, onnx_path: object, x: Any, atol: float,
            rtol: float) -> dict[str, float | bool]:
     """Compare torch and onnxruntime outputs on the same real inputs."""
     with torch.no_grad():
-        ref = model(torch.from_numpy(x)).float().numpy()
+        ref = inputs.call(model, inputs.apply(x, torch.from_numpy)).float().numpy()
     sess = ort_backend.session(onnx_path, TARGETS.get("cpu"), threads=1)  # type: ignore[arg-type]
     got = ort_backend.predict(sess, x, batch_size=256).astype(np.float32)
     diff = np.abs(got - ref)
     return {
         "max_abs_diff": float(diff.max()),
         "top1_agreement": float((got.argmax(1) == ref.argmax(1)).mean()),
+        "min_cosine": float(min(quality.mean_cosine(got[i:i + 1], ref[i:i + 1])
+                                for i in range(len(got)))),
         "within_tolerance": bool(np.all(diff <= atol + rtol * np.abs(ref))),
-        "samples": len(x),
+        "samples": inputs.count(x),
     }
 
 
 def run(cfg: ExportConfig, ctx: StageContext) -> StageResult:
     x = eval_inputs(ctx, cfg.parity_samples)
-    example = torch.from_numpy(x[:2])
+    example = inputs.apply(inputs.take(x, slice(0, 2)), torch.from_numpy)
     artifacts, checks = [], {}
     for role in cfg.models_needed:
         model = copy.deepcopy(ctx.model(role)).cpu().eval()
@@ -58,7 +63,7 @@ def run(cfg: ExportConfig, ctx: StageContext) -> StageResult:
         path = ctx.run_dir / rel
         try:
             with atomic_path(path) as tmp:
-                export_onnx(model, example, tmp, cfg.opset)
+                export_onnx(model, example, tmp, cfg.opset, ctx.config.inputs)
                 check_model(tmp)
                 result = parity(model, tmp, x, cfg.atol, cfg.rtol)
                 if not result["within_tolerance"]:
@@ -69,12 +74,14 @@ def run(cfg: ExportConfig, ctx: StageContext) -> StageResult:
         except ExportError as e:
             raise StageError(ctx.name, f"{role}: {e}") from None
         checks[role] = result
+        agree = f"top-1 agreement {result['top1_agreement']:.4f}" \
+            if ctx.config.task == "classify" else f"lowest cosine {result['min_cosine']:.6f}"
         ctx.log(f"{rel}: {path.stat().st_size / 1024:.1f} KiB, parity max |diff| "
-                f"{result['max_abs_diff']:.2e}, top-1 agreement {result['top1_agreement']:.4f}")
+                f"{result['max_abs_diff']:.2e}, {agree}")
         artifacts.append({
             "path": rel, "format": "onnx", "precision": "fp32", "model": role,
             "bytes": path.stat().st_size, "sha256": sha256_file(path), "opset": cfg.opset,
-            "input": INPUT_NAME, "output": OUTPUT_NAME,
+            "input": [i.name for i in ctx.config.inputs], "output": OUTPUT_NAME,
         })
     metrics: dict[str, object] = {"parity": checks}
     if cfg.bundle:
@@ -89,6 +96,7 @@ def run(cfg: ExportConfig, ctx: StageContext) -> StageResult:
         data = ctx.data()
         records = bundle.build(ctx.run_dir, source, ctx.work_dir, xs, ys, {
             "name": ctx.config.name, "split": data.eval_name, "labels": data.labels,
+            "task": ctx.config.task,
             "preprocessing": describe_source(ctx.config.data.source)})
         artifacts += records
         metrics["bundle"] = {"from": source["path"], "files": [r["path"] for r in records]}

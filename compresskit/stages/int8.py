@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from compresskit import measure
+from compresskit import measure, quality
 from compresskit.artifacts import atomic_path, sha256_file
 from compresskit.backends import ort as ort_backend
 from compresskit.backends import quant
@@ -23,25 +23,26 @@ from compresskit.targets import TARGETS
 
 def calibration(ctx: StageContext, samples: int) -> list[torch.Tensor]:
     """The first `samples` training inputs, in batches, in a fixed order."""
+    from compresskit.inputs import as_tensors, count, take
     from compresskit.training import loader, unpack
 
     out, n = [], 0
     for sample in loader(ctx.data().train, ctx.config.data.batch_size, shuffle=False, seed=0):
-        x = unpack(sample)[0]
-        out.append(x[: samples - n])
-        n += len(out[-1])
+        x = as_tensors(unpack(sample)[0])
+        out.append(take(x, slice(0, samples - n)))
+        n += count(out[-1])
         if n >= samples:
             break
     return out
 
 
-def onnx_logits(path: Path, x: np.ndarray) -> np.ndarray:
+def onnx_logits(path: Path, x: Any) -> np.ndarray:
     sess = ort_backend.session(path, TARGETS.get("cpu"), threads=1)
     return ort_backend.predict(sess, x, 256).astype(np.float32)
 
 
 def publish(ctx: StageContext, cfg: Int8Options, staged: Path, rel: str, fp32: Path,
-            x: np.ndarray, y: np.ndarray, extra: dict[str, Any],
+            x: Any, y: np.ndarray, extra: dict[str, Any],
             reference: np.ndarray | None = None, logit_tol: float | None = None,
             min_agreement: float | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Check an INT8 file (onnx.checker, integer coverage, parity with `reference` logits when
@@ -51,7 +52,8 @@ def publish(ctx: StageContext, cfg: Int8Options, staged: Path, rel: str, fp32: P
         check_model(staged)
     except ExportError as e:
         raise StageError(ctx.name, str(e)) from None
-    coverage = quant.int8_coverage(staged, quant.optimized_graph(
+    # MACs counted on the FP32 graph: a dynamically quantized file has no MatMul left to count.
+    coverage = quant.int8_coverage(fp32, quant.optimized_graph(
         staged, ctx.work_dir / "int8.optimized.onnx"))
     if coverage["int8_coverage"] < cfg.min_int8_coverage:
         floats = ", ".join(coverage["float_nodes"][:8]) or "none found"
@@ -62,16 +64,16 @@ def publish(ctx: StageContext, cfg: Int8Options, staged: Path, rel: str, fp32: P
             "that onnxruntime cannot fuse, keep a layer float; lower min_int8_coverage to "
             "accept it"))
     logits = onnx_logits(staged, x)
+    metric = quality.primary(ctx.config.task)
     metrics: dict[str, Any] = {**extra, **{k: coverage[k] for k in (
-        "int8_coverage", "float_nodes", "op_counts")},
-        "accuracy": float((logits.argmax(1) == y).mean())}
+        "int8_coverage", "float_nodes", "op_counts")}, **measure.score(ctx, logits, y)}
     if reference is not None:
         diff = np.abs(logits - reference)
         spread = float(reference.max() - reference.min()) or 1.0
         parity = {"max_abs_diff": float(diff.max()),
                   "max_diff_of_range": float(diff.max()) / spread,
                   "top1_agreement": float((logits.argmax(1) == reference.argmax(1)).mean()),
-                  "samples": len(x)}
+                  "samples": len(logits)}
         metrics["parity"] = parity
         if (logit_tol is not None and parity["max_diff_of_range"] > logit_tol) or (
                 min_agreement is not None and parity["top1_agreement"] < min_agreement):
@@ -90,8 +92,8 @@ def publish(ctx: StageContext, cfg: Int8Options, staged: Path, rel: str, fp32: P
     with atomic_path(final) as tmp:
         shutil.copyfile(staged, tmp)
     staged.unlink()
-    ctx.log(f"{rel}: int8_coverage {metrics['int8_coverage']:.3f}, accuracy "
-            f"{metrics['accuracy']:.4f}, {metrics['size_ratio']:.2f}x the FP32 file, batch-1 "
+    ctx.log(f"{rel}: int8_coverage {metrics['int8_coverage']:.3f}, {quality.LABELS[metric]} "
+            f"{metrics[metric]:.4f}, {metrics['size_ratio']:.2f}x the FP32 file, batch-1 "
             f"{timing['p50_ms']['fp32']:.3f} -> {timing['p50_ms']['int8']:.3f} ms "
             f"({metrics['speedup_vs_fp32']:.2f}x)")
     artifact = {"path": rel, "format": "onnx", "precision": "int8", "model": None,

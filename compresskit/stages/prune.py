@@ -17,6 +17,7 @@ from compresskit.backends import pruning
 from compresskit.config import PruneConfig
 from compresskit.context import StageContext, StageResult
 from compresskit.errors import StageError
+from compresskit.inputs import as_tensors, call
 from compresskit.stages.shrink import Shrink, first_and_last
 
 
@@ -31,7 +32,7 @@ def _taylor_gradients(model: nn.Module, ctx: StageContext, batches: int) -> None
         if i >= batches:
             break
         x, y = unpack(sample)
-        logits = model(x)
+        logits = call(model, as_tensors(x))
         target = torch.as_tensor(y) if y is not None else logits.detach().argmax(dim=1)
         torch.nn.functional.cross_entropy(logits, target).backward()
     model.eval()

@@ -6,7 +6,7 @@ combination onnxruntime fuses into integer kernels on x86 without VNNI (shared/f
 
 from __future__ import annotations
 
-from compresskit import measure
+from compresskit import inputs, measure
 from compresskit.backends import quant
 from compresskit.config import PtqConfig
 from compresskit.context import StageContext, StageResult
@@ -16,17 +16,18 @@ from compresskit.stages.int8 import calibration, onnx_logits, publish
 
 def run(cfg: PtqConfig, ctx: StageContext) -> StageResult:
     source = next((a for a in reversed(ctx.artifacts) if a.get("model") == cfg.model
-                   and a.get("precision") == "fp32"), None)
+                   and a.get("precision") == "fp32" and a.get("format") == "onnx"), None)
     if source is None:  # validation requires an export; it may not have exported this model
         raise StageError(ctx.name, f"no FP32 ONNX of the {cfg.model} was exported before this "
                                    f"stage; add '{cfg.model}' to the export stage's models")
     fp32 = ctx.run_dir / source["path"]
     x, y = measure.eval_arrays(ctx)
-    batches = [b.numpy() for b in calibration(ctx, cfg.calibration_samples)]
+    batches = [] if cfg.dynamic else [inputs.numpy(b, [i.dtype for i in ctx.config.inputs])
+                                      for b in calibration(ctx, cfg.calibration_samples)]
     staged = ctx.work_dir / f"{cfg.model}.ptq.int8.onnx"
     try:
         quant.ptq(fp32, staged, batches, per_channel=cfg.per_channel,
-                  reduce_range=cfg.reduce_range)
+                  reduce_range=cfg.reduce_range, dynamic=cfg.dynamic)
     except Exception as e:  # onnxruntime's quantizer raises bare exceptions on unsupported ops
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise StageError(ctx.name, f"onnxruntime could not quantize {source['path']} "
@@ -34,7 +35,8 @@ def run(cfg: PtqConfig, ctx: StageContext) -> StageResult:
     reference = onnx_logits(fp32, x)
     metrics, artifact = publish(
         ctx, cfg, staged, f"artifacts/{cfg.model}.ptq.int8.onnx", fp32, x, y,
-        {"method": "ptq", "fp32_accuracy": float((reference.argmax(1) == y).mean()),
+        {"method": "ptq", "dynamic": cfg.dynamic,
+         **{f"fp32_{k}": v for k, v in measure.score(ctx, reference, y).items()},
          "eval_split": ctx.data().eval_name},
         reference=reference)
     artifact["model"] = cfg.model

@@ -16,7 +16,7 @@ import fnmatch
 import numpy as np
 import torch
 
-from compresskit import measure
+from compresskit import measure, quality
 from compresskit.backends import quant
 from compresskit.backends.onnx_export import ExportError, export_onnx
 from compresskit.config import QatConfig
@@ -28,12 +28,17 @@ from compresskit.stages.shrink import fine_tune
 
 
 def run(cfg: QatConfig, ctx: StageContext) -> StageResult:
+    if len(ctx.config.inputs) > 1:
+        raise StageError(ctx.name, "qat handles models with one input; for a model with "
+                                   "several (a transformer's input_ids and attention_mask), "
+                                   "use ptq after export (dynamic: true for transformers)")
     x, y = measure.eval_arrays(ctx)
     student = copy.deepcopy(ctx.model(cfg.model)).cpu().eval()
     work = ctx.work_dir
     fp32_path = work / f"{cfg.model}.fp32.onnx"
     try:
-        fp32 = measure.profile(student, fp32_path, x, y, cfg.opset)
+        fp32 = measure.profile(student, fp32_path, x, y, cfg.opset, task=ctx.config.task,
+                               specs=ctx.config.inputs)
     except ExportError as e:
         raise StageError(ctx.name, f"the FP32 {cfg.model} cannot be exported: {e}") from None
     names = [n for n, _ in student.named_modules() if n]
@@ -53,27 +58,28 @@ def run(cfg: QatConfig, ctx: StageContext) -> StageResult:
     loss = fine_tune(ctx, model, cfg.options(cfg.epochs), teacher, cfg, cfg.model, cfg.model,
                      hint="; QAT wants a small lr (1e-4)") if cfg.epochs else None
     model.cpu().eval()
-    example = example_input(ctx.config.input, batch=2)
+    example = example_input(ctx.config.inputs, batch=2)
     stripped = quant.strip(model, example)
     with torch.no_grad():
         reference = stripped(torch.from_numpy(x)).float().numpy()
     staged = work / f"{cfg.model}.int8.onnx"
     try:
-        export_onnx(stripped, example, staged, cfg.opset)
+        export_onnx(stripped, example, staged, cfg.opset, ctx.config.inputs)
     except ExportError as e:
         raise StageError(ctx.name, f"the quantized {cfg.model} cannot be exported: {e}"
                          ) from None
     rewritten = quant.int8_weights(staged)
     method = "qat+kd" if cfg.distill else "qat"
+    metric = quality.primary(ctx.config.task)
     metrics, artifact = publish(
         ctx, cfg, staged, cfg.artifact(), fp32_path, x, y,
-        {"method": method, "fp32_accuracy": fp32["accuracy"],
-         "fake_quant_accuracy": float((reference.argmax(1) == y).mean()),
+        {"method": method, f"fp32_{metric}": fp32[metric],
+         f"fake_quant_{metric}": quality.main(ctx.config.task, reference, y),
          "folded_batchnorm": folded, "int8_weight_tensors": rewritten, "final_loss": loss,
          "eval_split": ctx.data().eval_name},
         reference=reference, logit_tol=cfg.logit_tol, min_agreement=cfg.min_agreement)
     fp32_path.unlink(missing_ok=True)
     artifact["model"] = cfg.model
-    if not np.isfinite(metrics["accuracy"]):
+    if not np.isfinite(metrics[metric]):
         raise StageError(ctx.name, "the INT8 model produced no finite outputs")
     return StageResult(metrics=metrics, artifacts=[artifact])

@@ -12,14 +12,15 @@ import torch
 from torch import nn
 
 from compresskit import distributed as dist
-from compresskit import measure
+from compresskit import measure, quality
 from compresskit import teacher as teacher_outputs
 from compresskit.backends.onnx_export import ExportError
 from compresskit.config import CompressOptions, TrainingOptions
 from compresskit.context import StageContext, StageResult
 from compresskit.errors import ConfigError, Problem, StageError
+from compresskit.inputs import call
 from compresskit.modelio import example_input
-from compresskit.ops.kd import hinton_loss
+from compresskit.ops.kd import cosine_loss, hinton_loss
 from compresskit.training import Batch, Diverged, cross_entropy_step, fit, has_labels
 
 
@@ -32,9 +33,10 @@ class Shrink:
         source = ctx.model(cfg.start_from)
         self.structure = copy.deepcopy(ctx.structure(cfg.start_from))
         self.model: nn.Module = copy.deepcopy(source).cpu().eval()
-        self.example = example_input(ctx.config.input, batch=1)
+        self.example = example_input(ctx.config.inputs, batch=1)
         self.teacher = ctx.model("teacher") if ctx.config.teacher is not None else None
         self.x, self.y = measure.eval_arrays(ctx)
+        self.metric = quality.primary(ctx.config.task)
         # Under torchrun every rank shrinks the same way; rank 0 alone measures, so the others
         # neither slow its latency runs nor repeat work whose numbers are dropped.
         self.measured = dist.is_main()
@@ -43,7 +45,8 @@ class Shrink:
     def _profile(self, label: str) -> dict[str, Any]:
         try:
             return measure.profile(self.model, self.ctx.work_dir / f"{label}.fp32.onnx",
-                                   self.x, self.y)
+                                   self.x, self.y, task=self.ctx.config.task,
+                                   specs=self.ctx.config.inputs)
         except ExportError as e:
             raise StageError(self.ctx.name, f"the model {label} {self.kind} cannot be "
                                             f"measured: {e}") from None
@@ -70,7 +73,7 @@ class Shrink:
                  for m in self.model.modules()]
         try:
             with torch.no_grad():
-                out = self.model.eval()(self.example)
+                out = call(self.model.eval(), self.example)
         except Exception as e:
             where = stack[-1] if stack and stack[-1] else type(self.model).__name__
             first = str(e).splitlines()[0] if str(e) else ""
@@ -82,8 +85,8 @@ class Shrink:
             for h in hooks:
                 h.remove()
         if not isinstance(out, torch.Tensor) or out.dim() != 2:
-            raise StageError(self.ctx.name, "the compressed model no longer returns "
-                                            "[batch, classes] logits")
+            raise StageError(self.ctx.name, "the compressed model no longer returns one "
+                                            "[batch, outputs] tensor")
 
     def recover(self, epochs: int, tag: str) -> float | None:
         """Distil the changed model from the teacher (CE without one); the final loss."""
@@ -106,17 +109,17 @@ class Shrink:
         for label, record in (("before", self.before), ("after", after)):
             (work / f"{label}.fp32.onnx").unlink(missing_ok=True)
             record["latency_ms"] = timing["p50_ms"][label]
-        change = measure.compare(self.before, after, timing["speedup"]["after"])
+        change = measure.compare(self.before, after, timing["speedup"]["after"], self.metric)
         for w in change["warnings"]:
             self.ctx.log(f"[yellow]warning:[/yellow] {w}")
         self.ctx.log(
             f"params {self.before['params']:,} -> {after['params']:,}, MACs "
             f"{self.before['macs']:,} -> {after['macs']:,}, batch-1 latency "
             f"{self.before['latency_ms']:.3f} -> {after['latency_ms']:.3f} ms "
-            f"({change['latency_speedup']:.2f}x), accuracy {self.before['accuracy']:.4f} -> "
-            f"{after['accuracy']:.4f}")
+            f"({change['latency_speedup']:.2f}x), {quality.LABELS[self.metric]} "
+            f"{self.before[self.metric]:.4f} -> {after[self.metric]:.4f}")
         return StageResult(
-            metrics={**metrics, "accuracy": after["accuracy"], "before": self.before,
+            metrics={**metrics, self.metric: after[self.metric], "before": self.before,
                      "after": after, "change": change, "eval_split": self.ctx.data().eval_name},
             updated={"student": self.model}, structure={"student": structure},
             params=after["params"])
@@ -140,8 +143,12 @@ def fine_tune(ctx: StageContext, model: nn.Module, opts: TrainingOptions,
             "pipeline has no teacher to distil from", key=f"stages[{ctx.index}]"))
 
     def kd_step(m: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        t_logits = source(batch)["teacher"]  # type: ignore[misc]
-        return hinton_loss(m(batch.x), t_logits, batch.y, kd_opts.temperature, kd_opts.alpha)
+        t_out = source(batch)["teacher"]  # type: ignore[misc]
+        if ctx.config.task == "embed":  # embeddings: match the teacher's direction
+            loss = cosine_loss(call(m, batch.x), t_out)
+            return loss, {"cosine": float(loss.detach())}
+        return hinton_loss(call(m, batch.x), t_out, batch.y, kd_opts.temperature,
+                           kd_opts.alpha)
 
     try:
         history = fit(model, data.train, opts,

