@@ -125,7 +125,10 @@ def nncf_quantize(model: nn.Module, batches: list[torch.Tensor], *, preset: str,
             ignored_scope=scope, target_device=nncf.TargetDevice.CPU,
             advanced_parameters=AdvancedQuantizationParameters(
                 overflow_fix=OverflowFix.ENABLE if overflow_fix else OverflowFix.DISABLE,
-                weights_quantization_params=QuantizationParameters(per_channel=per_channel)))
+                weights_quantization_params=QuantizationParameters(per_channel=per_channel),
+                # onnxruntime's QLinearConv takes one input scale: NNCF would otherwise give
+                # depthwise convolutions per-channel input quantizers, left float.
+                activations_quantization_params=QuantizationParameters(per_channel=False)))
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise QuantError(f"NNCF could not quantize the model ({type(e).__name__}: {first}). If "
@@ -192,6 +195,58 @@ def int8_weights(path: Path) -> int:
     _compact(model)
     onnx.save(model, str(path))
     return len(new_inits)
+
+
+def drop_saturated_activations(path: Path) -> list[str]:
+    """Remove each Relu or Clip whose only consumer is a QuantizeLinear that already saturates
+    inside the activation's range, so Q(act(x)) == Q(x). NNCF's QAT graph keeps
+    Conv -> Clip (ReLU6) -> QuantizeLinear, which onnxruntime first fuses into a float
+    FusedConv, leaving the conv out of its integer kernels; onnxruntime's own quantizer drops
+    these activations the same way. Returns the names of the removed nodes."""
+    model = onnx.load(str(path))
+    consts = _const_arrays(model)
+    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for n in model.graph.node:
+        for i in n.input:
+            consumers[i].append(n)
+    outputs = {o.name for o in model.graph.output}
+    removed: dict[str, str] = {}  # activation output -> its input
+    for n in model.graph.node:
+        if n.op_type not in ("Relu", "Clip") or n.output[0] in outputs:
+            continue
+        users = consumers[n.output[0]]
+        if len(users) != 1 or users[0].op_type != "QuantizeLinear" or len(users[0].input) < 3:
+            continue
+        q = users[0]
+        if q.input[1] not in consts or q.input[2] not in consts:
+            continue
+        scale, zp = consts[q.input[1]], consts[q.input[2]]
+        if scale.size != 1:
+            continue
+        info = np.iinfo(zp.dtype)
+        low = float((info.min - int(zp.reshape(-1)[0])) * float(scale.reshape(-1)[0]))
+        high = float((info.max - int(zp.reshape(-1)[0])) * float(scale.reshape(-1)[0]))
+        if n.op_type == "Relu":
+            lo, hi = 0.0, float("inf")
+        else:
+            lo_name, hi_name = [*n.input[1:3], "", ""][:2]
+            if (lo_name and lo_name not in consts) or (hi_name and hi_name not in consts):
+                continue
+            lo = float(consts[lo_name]) if lo_name else -float("inf")
+            hi = float(consts[hi_name]) if hi_name else float("inf")
+        if lo <= low and high <= hi:
+            removed[n.output[0]] = n.input[0]
+    if not removed:
+        return []
+    names = [n.name or n.output[0] for n in model.graph.node if n.output and n.output[0] in removed]
+    kept = [n for n in model.graph.node if not (n.output and n.output[0] in removed)]
+    for n in kept:
+        n.input[:] = [removed.get(i, i) for i in n.input]
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    _compact(model)
+    onnx.save(model, str(path))
+    return names
 
 
 def _compact(model: onnx.ModelProto) -> None:

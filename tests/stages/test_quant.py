@@ -97,3 +97,40 @@ def test_nothing_may_change_the_model_after_quantization(tmp_path):
     cfg = pipeline({"type": "qat"}, {"type": "prune", "ratio": 0.5})
     with pytest.raises(ConfigError, match="cannot come after a quantization stage"):
         run(cfg, tmp_path)
+
+
+def test_saturated_activations_before_quantize_are_dropped_exactly(tmp_path):
+    """Conv -> Clip(0, 6) -> QuantizeLinear whose range [0, 255 * scale] lies inside [0, 6]:
+    the Clip changes nothing and is removed; a Clip narrower than the range is kept."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from compresskit.backends.quant import drop_saturated_activations
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(4, 1, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array(0.0, np.float32), "lo"),
+             numpy_helper.from_array(np.array(6.0, np.float32), "hi"),
+             numpy_helper.from_array(np.array(1.0, np.float32), "narrow"),
+             numpy_helper.from_array(np.array(0.02, np.float32), "s"),
+             numpy_helper.from_array(np.array(0, np.uint8), "z")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Clip", ["c", "lo", "hi"], ["a"], name="wide"),
+             helper.make_node("QuantizeLinear", ["a", "s", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"]),
+             helper.make_node("Clip", ["c", "lo", "narrow"], ["b"], name="narrow_clip"),
+             helper.make_node("QuantizeLinear", ["b", "s", "z"], ["q2"]),
+             helper.make_node("DequantizeLinear", ["q2", "s", "z"], ["y2"])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 6, 6])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "y2")], inits)
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    x = {"x": (4 * rng.normal(size=(1, 1, 6, 6))).astype(np.float32)}
+    before = ort.InferenceSession(str(path)).run(None, x)
+    assert drop_saturated_activations(path) == ["wide"]
+    after = ort.InferenceSession(str(path)).run(None, x)
+    assert [n.op_type for n in onnx.load(str(path)).graph.node].count("Clip") == 1
+    for a, b in zip(before, after, strict=True):
+        assert np.array_equal(a, b)

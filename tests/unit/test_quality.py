@@ -46,3 +46,29 @@ def test_resize_cuts_and_pads_dynamic_axes_only() -> None:
     long = inputs.resize(x, specs, 6)
     assert short[0].shape == (2, 2) and long[0].shape == (2, 6)
     assert long[0][:, 4:].sum() == 0 and long[1].shape == (2, 3)
+
+
+def test_entry_picks_and_pools_outputs() -> None:
+    from torch import nn
+
+    from compresskit.config import OutputConfig
+    from compresskit.modelio import Entry, ModelError, select
+
+    class Tokens(nn.Module):
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple:
+            hidden = input_ids.float().unsqueeze(-1).repeat(1, 1, 2)
+            return hidden, {"unused": hidden}
+
+    ids = torch.tensor([[1, 2, 9], [4, 6, 9]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    entry = Entry(Tokens(), ["input_ids", "attention_mask"], OutputConfig(key=0, pool="mean"),
+                  keyword=True)
+    # The padded 9 of the first row is left out of its mean; the second row counts all three.
+    assert torch.allclose(entry(ids, mask), torch.tensor([[1.5, 1.5], [19 / 3, 19 / 3]]))
+    first = Entry(Tokens(), ["input_ids", "attention_mask"], OutputConfig(key=0, pool="cls"),
+                  keyword=True)
+    assert torch.equal(first(ids, mask), torch.tensor([[1.0, 1.0], [4.0, 4.0]]))
+    with pytest.raises(ModelError, match="does not index the model's 2 outputs"):
+        select((ids, ids), "logits")
+    with pytest.raises(ModelError, match="returns a tuple of 2, not one tensor"):
+        select((ids, ids), None)
