@@ -197,6 +197,40 @@ def int8_weights(path: Path) -> int:
     return len(new_inits)
 
 
+def unsigned_activations(path: Path) -> int:
+    """Re-encode signed (int8) activation QuantizeLinear/DequantizeLinear pairs as uint8 with
+    the zero point moved by 128: the same values exactly, since q_u8 = q_s8 + 128. NNCF gives
+    activations without a ReLU before them (MobileNetV2's linear bottlenecks) int8 quantizers;
+    onnxruntime fuses a conv into QLinearConv only when its input and output types match, and
+    integer kernels on x86 want uint8 activations. Returns how many were re-encoded."""
+    model = onnx.load(str(path))
+    consts = _const_arrays(model)
+    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for n in model.graph.node:
+        for i in n.input:
+            consumers[i].append(n)
+    changed = 0
+    for n in list(model.graph.node):
+        if n.op_type != "QuantizeLinear" or len(n.input) < 3 or n.input[0] in consts \
+                or n.input[2] not in consts or consts[n.input[2]].dtype != np.int8:
+            continue
+        users = consumers[n.output[0]]
+        if not users or any(u.op_type != "DequantizeLinear" or len(u.input) < 3
+                            or u.input[2] != n.input[2] for u in users):
+            continue
+        name = f"{n.output[0]}_zero_point_u8"
+        zp = (consts[n.input[2]].astype(np.int16) + 128).astype(np.uint8)
+        model.graph.initializer.append(numpy_helper.from_array(zp, name))
+        n.input[2] = name
+        for u in users:
+            u.input[2] = name
+        changed += 1
+    if changed:
+        _compact(model)
+        onnx.save(model, str(path))
+    return changed
+
+
 def drop_saturated_activations(path: Path) -> list[str]:
     """Remove each Relu or Clip whose only consumer is a QuantizeLinear that already saturates
     inside the activation's range, so Q(act(x)) == Q(x). NNCF's QAT graph keeps

@@ -70,6 +70,7 @@ def run(cfg: QatConfig, ctx: StageContext) -> StageResult:
                          ) from None
     rewritten = quant.int8_weights(staged)
     saturated = quant.drop_saturated_activations(staged)
+    unsigned = quant.unsigned_activations(staged)
     method = "qat+kd" if cfg.distill else "qat"
     metric = quality.primary(ctx.config.task)
     metrics, artifact = publish(
@@ -77,7 +78,7 @@ def run(cfg: QatConfig, ctx: StageContext) -> StageResult:
         {"method": method, f"fp32_{metric}": fp32[metric],
          f"fake_quant_{metric}": quality.main(ctx.config.task, reference, y),
          "folded_batchnorm": folded, "int8_weight_tensors": rewritten, "final_loss": loss,
-         "dropped_activations": saturated,
+         "dropped_activations": saturated, "unsigned_activation_quantizers": unsigned,
          "eval_split": ctx.data().eval_name},
         reference=reference, logit_tol=cfg.logit_tol, min_agreement=cfg.min_agreement)
     fp32_path.unlink(missing_ok=True)

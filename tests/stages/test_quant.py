@@ -134,3 +134,29 @@ def test_saturated_activations_before_quantize_are_dropped_exactly(tmp_path):
     assert [n.op_type for n in onnx.load(str(path)).graph.node].count("Clip") == 1
     for a, b in zip(before, after, strict=True):
         assert np.array_equal(a, b)
+
+
+def test_signed_activation_quantizers_become_uint8_with_the_same_values(tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from compresskit.backends.quant import unsigned_activations
+
+    inits = [numpy_helper.from_array(np.array(0.05, np.float32), "s"),
+             numpy_helper.from_array(np.array(3, np.int8), "z")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    x = {"x": np.linspace(-10, 10, 64).astype(np.float32)}  # saturates at both ends
+    before = ort.InferenceSession(str(path)).run(None, x)[0]
+    assert unsigned_activations(path) == 1
+    model = onnx.load(str(path))
+    zps = {numpy_helper.to_array(i).dtype for i in model.graph.initializer
+           if i.name in {n.input[2] for n in model.graph.node}}
+    assert zps == {np.dtype(np.uint8)}
+    assert np.array_equal(before, ort.InferenceSession(str(path)).run(None, x)[0])
