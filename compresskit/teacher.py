@@ -30,7 +30,7 @@ from compresskit.config import TeacherCacheOptions
 from compresskit.context import StageContext
 from compresskit.errors import StageError
 from compresskit.features import Taps
-from compresskit.inputs import as_tensors, call, count, to
+from compresskit.inputs import as_tensors, call, count, is_multi, to
 from compresskit.training import Batch, loader, unpack
 
 LOGITS = "logits"
@@ -70,7 +70,8 @@ def augmented(ds: Dataset) -> bool:
 
 def _parts(x: Any) -> list[torch.Tensor]:
     """A sample's input tensors (one, or one per input)."""
-    return [torch.as_tensor(v) for v in (x if isinstance(x, (tuple, list)) else [x])]
+    x = as_tensors(x)
+    return list(x) if is_multi(x) else [x]
 
 
 def output_key(name: str, module: str | None) -> str:

@@ -197,6 +197,15 @@ def int8_weights(path: Path) -> int:
     return len(new_inits)
 
 
+def _consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    """The nodes reading each tensor."""
+    out: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for n in model.graph.node:
+        for i in n.input:
+            out[i].append(n)
+    return out
+
+
 def unsigned_activations(path: Path) -> int:
     """Re-encode signed (int8) activation QuantizeLinear/DequantizeLinear pairs as uint8 with
     the zero point moved by 128: the same values exactly, since q_u8 = q_s8 + 128. NNCF gives
@@ -205,10 +214,7 @@ def unsigned_activations(path: Path) -> int:
     integer kernels on x86 want uint8 activations. Returns how many were re-encoded."""
     model = onnx.load(str(path))
     consts = _const_arrays(model)
-    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for n in model.graph.node:
-        for i in n.input:
-            consumers[i].append(n)
+    consumers = _consumers(model)
     changed = 0
     for n in list(model.graph.node):
         if n.op_type != "QuantizeLinear" or len(n.input) < 3 or n.input[0] in consts \
@@ -239,10 +245,7 @@ def drop_saturated_activations(path: Path) -> list[str]:
     these activations the same way. Returns the names of the removed nodes."""
     model = onnx.load(str(path))
     consts = _const_arrays(model)
-    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for n in model.graph.node:
-        for i in n.input:
-            consumers[i].append(n)
+    consumers = _consumers(model)
     outputs = {o.name for o in model.graph.output}
     removed: dict[str, str] = {}  # activation output -> its input
     for n in model.graph.node:
