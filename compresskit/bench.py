@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from compresskit.ops.latency import median_ratio, summarize
+from compresskit.ops.latency import fmt_ms, median_ratio, summarize
 from compresskit.targets import Target
 
 if TYPE_CHECKING:
@@ -69,14 +69,14 @@ def measure(files: dict[str, Path], target: Target, settings: Settings,
                     "threads": threads, "runs": len(times[label]),
                     "format": "ort" if path.suffix == ".ort" else "onnx",
                     "file_bytes": path.stat().st_size,
-                    "latency_ms": {k: round(v, 4) for k, v in stats.items()},
-                    "throughput_per_s": round(bs * 1000.0 / stats["mean"], 2),
+                    "latency_ms": stats,
+                    "throughput_per_s": bs * 1000.0 / stats["mean"],
                     "cold_start": cold[label],
                     "peak_rss_mb": round(backend.peak_rss_mb(path, target, threads,
                                                              feeds[label][bs]), 2)
                     if settings.memory else None,
                     "speedup_vs": first,
-                    "speedup": round(median_ratio(times[first], times[label]), 3),
+                    "speedup": median_ratio(times[first], times[label]),
                 })
     return rows
 
@@ -140,15 +140,15 @@ def table(rows: list[dict[str, Any]]) -> Any:
     from rich.table import Table
 
     t = Table(title="onnxruntime, interleaved rounds", title_justify="left")
-    for col in ("file", "target", "batch", "p50 ms", "p90 ms", "p99 ms", "per s", "cold ms",
+    for col in ("file", "target", "batch", "p50", "p90", "p99", "per s", "cold start",
                 "peak MB", "vs first"):
         t.add_column(col, justify="left" if col in ("file", "target") else "right",
                      no_wrap=True)
     for r in rows:
         lat, cold, mem = r["latency_ms"], r["cold_start"], r["peak_rss_mb"]
         t.add_row(Path(r["artifact"]).name, r["target"], str(r["batch_size"]),
-                  f"{lat['p50']:.3f}", f"{lat['p90']:.3f}", f"{lat['p99']:.3f}",
+                  fmt_ms(lat["p50"]), fmt_ms(lat["p90"]), fmt_ms(lat["p99"]),
                   f"{r['throughput_per_s']:.0f}",
-                  f"{cold['session_ms'] + cold['first_run_ms']:.1f}",
+                  fmt_ms(cold["session_ms"] + cold["first_run_ms"]),
                   "-" if mem is None else f"{mem:.1f}", f"{r['speedup']:.2f}x")
     return t

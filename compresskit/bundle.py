@@ -19,6 +19,7 @@ import numpy as np
 
 from compresskit import __version__
 from compresskit.artifacts import sha256_file, write_bytes, write_json, write_text
+from compresskit.ops.latency import fmt_ms
 
 PREFERENCE = ("qat+kd", "qat", "ptq")
 """Which INT8 artifact of the model goes in the bundle, best first."""
@@ -26,7 +27,7 @@ PREFERENCE = ("qat+kd", "qat", "ptq")
 README = """# {name}: deployment bundle
 
 Made by compresskit {version} from `{source}` ({precision}{method}). Measured on the machine that
-built it: {metric} {accuracy} on the {split} split, batch-1 p50 latency {latency} ms on the
+built it: {metric} {accuracy} on the {split} split, batch-1 p50 latency {latency} on the
 `edge` target (one thread, ORT format).
 
 | file | what it is |
@@ -132,7 +133,7 @@ def build(run_dir: Path, source: dict[str, Any], work: Path, x: np.ndarray, y: n
         method=f", {source['method']}" if source.get("method") else "",
         accuracy=f"{accuracy:.4f}", split=info["split"],
         metric=quality.LABELS[quality.primary(task)],
-        latency=f"{rows[0]['latency_ms']['p50']:.3f}", preprocessing=info["preprocessing"],
+        latency=fmt_ms(rows[0]["latency_ms"]["p50"]), preprocessing=info["preprocessing"],
         ort_version=ort.__version__))
     manifest["files"] = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                          for p in sorted(staged.iterdir())}

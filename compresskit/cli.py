@@ -110,6 +110,7 @@ def _torchrun(nproc: int, pipeline: Path, overrides: list[str], output_dir: Path
 
 
 def _summary(report: dict[str, Any]) -> None:
+    from compresskit.ops.latency import fmt_ms
     from compresskit.quality import LABELS, METRICS
     from compresskit.report import headline, verdicts
 
@@ -126,8 +127,8 @@ def _summary(report: dict[str, Any]) -> None:
     if report["benchmarks"]:
         lengths = any(row.get("length") for row in report["benchmarks"])
         b = Table(title="onnxruntime, measured on the exported files", title_justify="left")
-        for col in ("artifact", "target", "batch", *(["length"] if lengths else []), "p50 ms",
-                    "p90 ms", "p99 ms", "per s", "peak MB", *(LABELS[m] for m in metrics)):
+        for col in ("artifact", "target", "batch", *(["length"] if lengths else []), "p50",
+                    "p90", "p99", "per s", "peak MB", *(LABELS[m] for m in metrics)):
             b.add_column(col, justify="left" if col in ("artifact", "target") else "right",
                          no_wrap=True, min_width=12 if col == "artifact" else None)
         for row in report["benchmarks"]:
@@ -136,7 +137,7 @@ def _summary(report: dict[str, Any]) -> None:
             b.add_row(Path(row["artifact"]).name.removesuffix(".onnx"), row["target"],
                       str(row["batch_size"]),
                       *([str(row.get("length") or "-")] if lengths else []),
-                      f"{lat['p50']:.3f}", f"{lat['p90']:.3f}", f"{lat['p99']:.3f}",
+                      fmt_ms(lat["p50"]), fmt_ms(lat["p90"]), fmt_ms(lat["p99"]),
                       f"{row['throughput_per_s']:.0f}", "-" if mem is None else f"{mem:.1f}",
                       *(f"{row[m]:.4f}" for m in metrics))
         out.print(b)

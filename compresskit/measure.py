@@ -94,8 +94,8 @@ def latency(paths: dict[str, Path], x: np.ndarray, runs: int) -> dict[str, Any]:
     times = ort_backend.time_interleaved(sessions, inputs.take(x, slice(0, 1)), runs,
                                          warmup=max(5, runs // 10))
     first = next(iter(paths))
-    return {"p50_ms": {k: round(summarize(t)["p50"], 4) for k, t in times.items()},
-            "speedup": {k: round(median_ratio(times[first], t), 3) for k, t in times.items()
+    return {"p50_ms": {k: summarize(t)["p50"] for k, t in times.items()},
+            "speedup": {k: median_ratio(times[first], t) for k, t in times.items()
                         if k != first}}
 
 

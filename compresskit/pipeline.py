@@ -357,7 +357,7 @@ class Runner:
         self._structure.update(result.structure)
         manifest = {
             "stage": name, "index": index, "type": kind, "hash": stage_hash, "status": "done",
-            "seconds": round(seconds, 3), "params": result.params, "metrics": result.metrics,
+            "seconds": seconds, "params": result.params, "metrics": result.metrics,
             "state": dict(self._state), "structure": dict(self._structure),
             "updated": sorted(result.updated),
             "artifacts": result.artifacts,

@@ -9,6 +9,7 @@ from typing import Any
 
 from compresskit import __version__, quality
 from compresskit.artifacts import write_json, write_text
+from compresskit.ops.latency import fmt_ms
 
 
 def build(name: str, records: list[Any], seconds: float, pipeline: str,
@@ -18,14 +19,14 @@ def build(name: str, records: list[Any], seconds: float, pipeline: str,
         m = r.manifest
         stages.append({
             "index": r.index, "type": r.type, "name": r.name, "status": r.status,
-            "seconds": round(r.seconds, 3),
+            "seconds": r.seconds,
             "computed_seconds": m.get("seconds"),
             "params": m.get("params"), "metrics": m.get("metrics", {}),
         })
         artifacts += m.get("artifacts", [])
         benchmarks += m.get("benchmarks", [])
     return {
-        "name": name, "compresskit_version": __version__, "seconds": round(seconds, 3),
+        "name": name, "compresskit_version": __version__, "seconds": seconds,
         "pipeline": pipeline, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "task": task, "metric": quality.primary(task),
         "stages": stages, "artifacts": artifacts, "benchmarks": benchmarks,
@@ -99,7 +100,7 @@ def quantization_rows(report: dict[str, Any]) -> list[list[str]]:
                 (a for a in report["artifacts"] if a["path"] == q["artifact"]), {})
             out.append([q["model"], str(q.get("method")), str(q.get("length") or "-"),
                         _fmt(base[k]), _fmt(q[k]), _delta(report, q[k], base[k]),
-                        f"{base['latency_ms']['p50']:.3f} -> {q['latency_ms']['p50']:.3f}",
+                        f"{fmt_ms(base['latency_ms']['p50'])} -> {fmt_ms(q['latency_ms']['p50'])}",
                         f"{base['latency_ms']['p50'] / q['latency_ms']['p50']:.2f}x",
                         f"{q['bytes'] / max(1, base['bytes']):.2f}",
                         _fmt(art.get("int8_coverage"), 3)])
@@ -162,8 +163,8 @@ def headline(report: dict[str, Any]) -> list[str]:
             c = m["change"]
             lines.append(
                 f"{s['type'].capitalize()} ({s['name']}): MACs x{c['macs_ratio']:.2f}, params "
-                f"x{c['params_ratio']:.2f}, batch-1 latency {m['before']['latency_ms']:.3f} -> "
-                f"{m['after']['latency_ms']:.3f} ms (x{1 / c['latency_speedup']:.2f}), "
+                f"x{c['params_ratio']:.2f}, batch-1 latency {fmt_ms(m['before']['latency_ms'])} -> "
+                f"{fmt_ms(m['after']['latency_ms'])} (x{1 / c['latency_speedup']:.2f}), "
                 f"{_label(report)} {m['before'][k]:.4f} -> {m['after'][k]:.4f}"
                 f" ({_delta(report, m['after'][k], m['before'][k])}).")
             lines += [f"Warning ({s['name']}): {w}." for w in c["warnings"]]
@@ -175,8 +176,8 @@ def headline(report: dict[str, Any]) -> list[str]:
                        else t["latency_ms"]["p50"] / b["latency_ms"]["p50"])
             lines.append(
                 f"On {b['target']} at {_at(b)}, the student ONNX runs {_pace(speedup)} than the "
-                f"teacher ONNX (p50 {b['latency_ms']['p50']:.3f} vs "
-                f"{t['latency_ms']['p50']:.3f} ms) at {_delta(report, b[k], t[k])}, in a "
+                f"teacher ONNX (p50 {fmt_ms(b['latency_ms']['p50'])} vs "
+                f"{fmt_ms(t['latency_ms']['p50'])}) at {_delta(report, b[k], t[k])}, in a "
                 f"{t['bytes'] / max(1, b['bytes']):.1f}x smaller file.")
         for q in group:
             base = fp32.get(q.get("model"))
@@ -186,7 +187,8 @@ def headline(report: dict[str, Any]) -> list[str]:
                 f"On {q['target']} at {_at(q)}, the INT8 {q['model']} "
                 f"({q.get('method')}) runs "
                 f"{_pace(base['latency_ms']['p50'] / q['latency_ms']['p50'])} than its FP32 "
-                f"file (p50 {q['latency_ms']['p50']:.3f} vs {base['latency_ms']['p50']:.3f} ms) "
+                f"file (p50 {fmt_ms(q['latency_ms']['p50'])} vs "
+                f"{fmt_ms(base['latency_ms']['p50'])}) "
                 f"at {_delta(report, q[k], base[k])}, in "
                 f"{q['bytes'] / max(1, base['bytes']):.2f}x the bytes.")
             teacher = fp32.get("teacher")
@@ -212,7 +214,7 @@ class Section:
 def sections(report: dict[str, Any]) -> list[Section]:
     k, label = _metric(report), _label(report)
     out = [Section("Stages", ["stage", "status", "seconds", "params", "MACs", "ONNX KiB",
-                              "batch-1 ms, 1 thread", label], [
+                              "batch-1 p50, 1 thread", label], [
         [f"{s['index']:02d}-{s['type']}", s["status"], _fmt(s["seconds"], 1), _fmt(s["params"]),
          *_measured(s["metrics"]), _fmt(s["metrics"].get(k))]
         for s in report["stages"]],
@@ -239,11 +241,11 @@ def sections(report: dict[str, Any]) -> list[Section]:
                 s["name"], f"{before['params']:,} -> {after['params']:,}",
                 f"{before['macs']:,} -> {after['macs']:,}",
                 f"{before['onnx_bytes'] / 1024:.1f} -> {after['onnx_bytes'] / 1024:.1f}",
-                f"{before['latency_ms']:.3f} -> {after['latency_ms']:.3f} "
+                f"{fmt_ms(before['latency_ms'])} -> {fmt_ms(after['latency_ms'])} "
                 f"({s['metrics']['change']['latency_speedup']:.2f}x)",
                 f"{before[k]:.4f} -> {after[k]:.4f}"])
         out.append(Section("Compression steps (before -> after, measured on FP32 ONNX exports)",
-                           ["stage", "params", "MACs", "ONNX KiB", "batch-1 ms, 1 thread",
+                           ["stage", "params", "MACs", "ONNX KiB", "batch-1 p50, 1 thread",
                             label], rows))
     quant_rows = quantization_rows(report)
     if quant_rows:
@@ -252,7 +254,7 @@ def sections(report: dict[str, Any]) -> list[Section]:
                            f"{first['batch_size']}, measured on the files)",
                            ["model", "method", "length", f"FP32 {label}", f"INT8 {label}",
                             "change",
-                            "p50 ms FP32 -> INT8", "speedup", "size ratio", "int8_coverage"],
+                            "p50 FP32 -> INT8", "speedup", "size ratio", "int8_coverage"],
                            quant_rows))
     if report["artifacts"]:
         out.append(Section("Artifacts", ["path", "precision", "bytes", "sha256"], [
@@ -262,16 +264,16 @@ def sections(report: dict[str, Any]) -> list[Section]:
         lengths = any(b.get("length") for b in report["benchmarks"])
         rows = [[f"`{b['artifact']}`", str(b["batch_size"]),
                  *([str(b.get("length") or "-")] if lengths else []), str(b["threads"]),
-                 _fmt(b["latency_ms"]["p50"], 3), _fmt(b["latency_ms"]["p90"], 3),
-                 _fmt(b["latency_ms"]["p99"], 3), _fmt(b["throughput_per_s"], 1),
+                 fmt_ms(b["latency_ms"]["p50"]), fmt_ms(b["latency_ms"]["p90"]),
+                 fmt_ms(b["latency_ms"]["p99"]), _fmt(b["throughput_per_s"], 1),
                  _cold(b), _fmt(b["peak_rss_mb"], 1),
                  *[_fmt(b.get(m)) for m in quality.METRICS[report.get("task", "classify")]],
                  _fmt(b.get("file_bytes", b.get("bytes")))]
                 for b in report["benchmarks"] if b["target"] == target]
         out.append(Section(f"Target {target} (onnxruntime, measured on the files)",
                            ["artifact", "batch", *(["length"] if lengths else []), "threads",
-                            "p50 ms", "p90 ms", "p99 ms", "throughput/s",
-                            "cold start ms (session + first run)", "peak RSS MB",
+                            "p50", "p90", "p99", "throughput/s",
+                            "cold start (session + first run)", "peak RSS MB",
                             *[quality.LABELS[m] for m in quality.METRICS[
                                 report.get("task", "classify")]], "bytes"], rows))
     unavailable = {k: v for s in report["stages"]
@@ -286,16 +288,16 @@ def _measured(m: dict[str, Any]) -> list[str]:
     after = m.get("after") or m.get("measured")
     if isinstance(after, dict):
         return [_fmt(after.get("macs")), _fmt(after["onnx_bytes"] / 1024, 1),
-                _fmt(after.get("latency_ms"), 3)]
+                fmt_ms(after.get("latency_ms"))]
     if "int8_bytes" in m:
         latency = m.get("latency_ms", {})
-        return ["-", _fmt(m["int8_bytes"] / 1024, 1), _fmt(latency.get("int8"), 3)]
+        return ["-", _fmt(m["int8_bytes"] / 1024, 1), fmt_ms(latency.get("int8"))]
     return ["-", "-", "-"]
 
 
 def _cold(b: dict[str, Any]) -> str:
     c = b.get("cold_start")
-    return f"{c['session_ms']:.1f} + {c['first_run_ms']:.2f}" if c else "-"
+    return f"{fmt_ms(c['session_ms'])} + {fmt_ms(c['first_run_ms'])}" if c else "-"
 
 
 def verdicts(report: dict[str, Any]) -> list[str]:

@@ -35,3 +35,25 @@ def median_ratio(a_ms: Sequence[float], b_ms: Sequence[float]) -> float:
         raise ValueError("interleaved timings must be paired")
     ratios = sorted(a / b for a, b in zip(a_ms, b_ms, strict=False) if b > 0)
     return percentile(ratios, 50)
+
+
+def fmt_ms(ms: float | None) -> str:
+    """A time for people to read, with its unit, to three significant figures: `4.52 µs`,
+    `0.0452 ms`, `45.2 ms`, `1234 ms`. Stored timings keep full precision; only display
+    rounds, and never to fixed decimals (a 4 µs model would read `0.005 ms`)."""
+    if ms is None or not math.isfinite(ms):
+        return "-"
+    if ms == 0:
+        return "0 ms"
+    if abs(ms) < 0.01:
+        return f"{_sig3(ms * 1000)} µs"
+    return f"{_sig3(ms)} ms"
+
+
+def _sig3(v: float) -> str:
+    decimals = max(0, 2 - math.floor(math.log10(abs(v))))
+    text = f"{v:.{decimals}f}"
+    # 9.996 rounds up to 10.00: one decimal too many, so round again at the new magnitude.
+    if decimals and abs(float(text)) >= 10 ** (3 - decimals):
+        text = f"{v:.{decimals - 1}f}"
+    return text

@@ -11,6 +11,7 @@ from compresskit.backends import ort as ort_backend
 from compresskit.config import BenchmarkConfig
 from compresskit.context import StageContext, StageResult
 from compresskit.errors import StageError
+from compresskit.ops.latency import fmt_ms
 from compresskit.targets import resolve
 
 
@@ -66,7 +67,7 @@ def run(cfg: BenchmarkConfig, ctx: StageContext) -> StageResult:
             rows.append(row)
             at = f" len={row['length']}" if row.get("length") else ""
             ctx.log(f"{name} bs={row['batch_size']}{at} {a['path']}: p50 "
-                    f"{row['latency_ms']['p50']:.3f} ms, {quality.LABELS[metric]} "
+                    f"{fmt_ms(row['latency_ms']['p50'])}, {quality.LABELS[metric]} "
                     f"{row[metric]:.4f}")
     if not rows:
         raise StageError(ctx.name, "no target could run here: " + "; ".join(

@@ -18,6 +18,7 @@ from compresskit.backends.onnx_export import ExportError, check_model
 from compresskit.config import Int8Options
 from compresskit.context import StageContext
 from compresskit.errors import StageError
+from compresskit.ops.latency import fmt_ms
 from compresskit.targets import TARGETS
 
 
@@ -94,7 +95,7 @@ def publish(ctx: StageContext, cfg: Int8Options, staged: Path, rel: str, fp32: P
     staged.unlink()
     ctx.log(f"{rel}: int8_coverage {metrics['int8_coverage']:.3f}, {quality.LABELS[metric]} "
             f"{metrics[metric]:.4f}, {metrics['size_ratio']:.2f}x the FP32 file, batch-1 "
-            f"{timing['p50_ms']['fp32']:.3f} -> {timing['p50_ms']['int8']:.3f} ms "
+            f"{fmt_ms(timing['p50_ms']['fp32'])} -> {fmt_ms(timing['p50_ms']['int8'])} "
             f"({metrics['speedup_vs_fp32']:.2f}x)")
     artifact = {"path": rel, "format": "onnx", "precision": "int8", "model": None,
                 "method": extra.get("method"), "bytes": final.stat().st_size,

@@ -21,6 +21,7 @@ from compresskit.errors import ConfigError, Problem, StageError
 from compresskit.inputs import call
 from compresskit.modelio import example_input
 from compresskit.ops.kd import cosine_loss, hinton_loss
+from compresskit.ops.latency import fmt_ms
 from compresskit.training import Batch, Diverged, cross_entropy_step, fit, has_labels
 
 
@@ -115,7 +116,7 @@ class Shrink:
         self.ctx.log(
             f"params {self.before['params']:,} -> {after['params']:,}, MACs "
             f"{self.before['macs']:,} -> {after['macs']:,}, batch-1 latency "
-            f"{self.before['latency_ms']:.3f} -> {after['latency_ms']:.3f} ms "
+            f"{fmt_ms(self.before['latency_ms'])} -> {fmt_ms(after['latency_ms'])} "
             f"({change['latency_speedup']:.2f}x), {quality.LABELS[self.metric]} "
             f"{self.before[self.metric]:.4f} -> {after[self.metric]:.4f}")
         return StageResult(

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,13 +23,11 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def first_run(tmp_path_factory):
     tmp = workspace_with_models(tmp_path_factory.mktemp("tiny"))
     (tmp / "pipe.yaml").write_text(TINY)
-    start = time.perf_counter()
-    result = cli("run", "pipe.yaml", cwd=tmp)
-    return tmp, result, time.perf_counter() - start
+    return tmp, cli("run", "pipe.yaml", cwd=tmp)
 
 
 def test_run_writes_the_report_contract(first_run):
-    tmp, result, _ = first_run
+    tmp, result = first_run
     assert result.returncode == 0, result.stderr
     run = tmp / "runs" / "tiny"
     report = json.loads((run / "report.json").read_text())
@@ -56,19 +53,20 @@ def test_run_writes_the_report_contract(first_run):
     assert "00-train" in result.stderr and "report:" in result.stdout
 
 
-def test_second_run_is_all_cached_and_fast(first_run):
-    tmp, _, first_seconds = first_run
-    start = time.perf_counter()
+def test_second_run_is_all_cached(first_run):
+    tmp, _ = first_run
+    run = tmp / "runs" / "tiny"
+    stamps = {p: p.stat().st_mtime_ns for p in run.glob("*/*") if p.parent.name[:2].isdigit()}
     result = cli("run", "pipe.yaml", cwd=tmp)
-    seconds = time.perf_counter() - start
     assert result.returncode == 0, result.stderr
-    report = json.loads((tmp / "runs" / "tiny" / "report.json").read_text())
+    report = json.loads((run / "report.json").read_text())
     assert [s["status"] for s in report["stages"]] == ["cached"] * 4
-    assert seconds < first_seconds
+    # Nothing a stage made was rewritten (not a timing, which would depend on the CPU).
+    assert stamps and {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
 
 def test_changing_stage_k_reruns_k_and_later_only(first_run):
-    tmp, _, _ = first_run
+    tmp, _ = first_run
     run = tmp / "runs" / "tiny"
     before = (run / "artifacts" / "student.fp32.onnx").read_bytes()
     result = cli("run", "pipe.yaml", "stages.1.temperature=2", cwd=tmp)
@@ -82,7 +80,7 @@ def test_changing_stage_k_reruns_k_and_later_only(first_run):
 
 
 def test_same_seed_gives_identical_metrics_and_onnx_bytes(first_run, tmp_path):
-    tmp, _, _ = first_run
+    tmp, _ = first_run
     result = cli("run", "pipe.yaml", "--output-dir", str(tmp_path / "again"), cwd=tmp)
     assert result.returncode == 0, result.stderr
     a = json.loads((tmp / "runs" / "tiny" / "report.json").read_text())
@@ -97,7 +95,7 @@ def test_same_seed_gives_identical_metrics_and_onnx_bytes(first_run, tmp_path):
 
 
 def test_diverging_stage_exits_1_and_keeps_earlier_stages(first_run, tmp_path):
-    tmp, _, _ = first_run
+    tmp, _ = first_run
     (tmp / "models" / "nan.py").write_text(
         "import torch\nfrom torch import nn\n\n"
         "class NaN(nn.Module):\n"
@@ -118,7 +116,7 @@ def test_diverging_stage_exits_1_and_keeps_earlier_stages(first_run, tmp_path):
 
 
 def test_bad_input_exits_2_without_traceback(first_run):
-    tmp, _, _ = first_run
+    tmp, _ = first_run
     (tmp / "bad.yaml").write_text(TINY.replace("epochs: 1,", "epochs: 0,", 1))
     result = cli("run", "bad.yaml", cwd=tmp)
     assert result.returncode == 2
@@ -130,7 +128,7 @@ def test_bad_input_exits_2_without_traceback(first_run):
 def test_changing_the_student_does_not_retrain_the_teacher(first_run, tmp_path):
     import shutil
 
-    tmp, _, _ = first_run
+    tmp, _ = first_run
     shutil.copytree(tmp / "runs" / "tiny", tmp_path / "w", dirs_exist_ok=True)
     result = cli("run", "pipe.yaml", "student.kwargs.width=3", "-o", str(tmp_path / "w"), cwd=tmp)
     assert result.returncode == 0, result.stderr

@@ -46,7 +46,7 @@ def test_broken_file_exits_2_with_located_message(path, monkeypatch):
     assert "Traceback" not in result.output
     # every message names the file and either its line or the key
     assert re.search(re.escape(str(path)) + r"(:\d+)?: ", result.output), result.output
-    assert seconds < 2.0
+    assert seconds < 10.0  # validation builds no model; a guard against heavy work, not a timing
 
 
 def test_ten_megabyte_file(tmp_path):
@@ -56,7 +56,7 @@ def test_ten_megabyte_file(tmp_path):
     result = CliRunner().invoke(app, ["validate", str(big)])
     assert result.exit_code == 2
     assert "a pipeline file is a small YAML document" in result.output
-    assert time.perf_counter() - start < 2.0
+    assert time.perf_counter() - start < 10.0  # refused before parsing, on any CPU
 
 
 KEYS = ["name", "seed", "data", "input", "teacher", "student", "stages", "type", "epochs",

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from compresskit.ops.latency import median_ratio, percentile, summarize
+from compresskit.ops.latency import fmt_ms, median_ratio, percentile, summarize
 
 
 def test_percentiles_match_numpy():
@@ -29,3 +29,11 @@ def test_median_ratio_ignores_noise_common_to_both():
     assert median_ratio(slow, noise) == pytest.approx(2.0)
     with pytest.raises(ValueError):
         median_ratio([1.0], [1.0, 2.0])
+
+
+@pytest.mark.parametrize(("ms", "shown"), [
+    (0.0045231, "4.52 µs"), (0.0452, "0.0452 ms"), (45.249, "45.2 ms"), (0.5, "0.500 ms"),
+    (9.996, "10.0 ms"), (0.009996, "10.0 µs"), (1234.5, "1234 ms"), (0.0, "0 ms"),
+    (None, "-"), (float("nan"), "-")])
+def test_times_are_shown_to_three_significant_figures(ms, shown):
+    assert fmt_ms(ms) == shown
