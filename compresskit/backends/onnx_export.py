@@ -6,8 +6,13 @@ writes the same bytes for the same model.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import sys
+import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,19 +43,70 @@ def export_onnx(model: nn.Module, example: Any, path: Path, opset: int,
     model = model.eval()
     names, axes = input_axes(inputs)
     args = tuple(example) if isinstance(example, (tuple, list)) else (example,)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    with tempfile.TemporaryFile(mode="w+b") as log:
+        try:
+            # In eval mode without grad, nn.TransformerEncoder and nn.MultiheadAttention take
+            # a fused fast path (aten::_transformer_encoder_layer_fwd) the exporter does not
+            # know; the plain path computes the same.
+            torch.backends.mha.set_fastpath_enabled(False)
+            with warnings.catch_warnings(), torch.no_grad(), _stdout_to(log):
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    model, args, str(path), dynamo=False, opset_version=opset,
+                    input_names=names, output_names=[OUTPUT_NAME],
+                    dynamic_axes={**axes, OUTPUT_NAME: {0: "batch"}},
+                    do_constant_folding=True)
+        except Exception as e:
+            log.seek(0)
+            raise ExportError(_explain(e, log.read().decode(errors="replace"), opset)) from None
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+@contextlib.contextmanager
+def _stdout_to(log: Any) -> Iterator[None]:
+    """Send the process's stdout (file descriptor 1) to `log`: on a failure the TorchScript
+    exporter prints its whole graph there from C++, hundreds of lines no user should meet."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(log.fileno(), 1)
     try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                model, args, str(path), dynamo=False, opset_version=opset,
-                input_names=names, output_names=[OUTPUT_NAME],
-                dynamic_axes={**axes, OUTPUT_NAME: {0: "batch"}},
-                do_constant_folding=True)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ExportError(f"torch.onnx.export could not trace the model: {first}. Models with "
-                          "data-dependent control flow or unsupported ops need changes "
-                          "(or a higher opset)") from None
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _explain(error: Exception, graph_log: str, opset: int) -> str:
+    """One sentence: what the exporter could not do, where in the model, and what to try."""
+    text = str(error).strip()
+    first = text.splitlines()[0] if text else type(error).__name__
+    op = re.search(r"operator '([\w:.]+)'", first)
+    if op is None:
+        return (f"torch.onnx.export could not trace the model: {first[:300]}. Models with "
+                "data-dependent control flow or unsupported ops need changes (or a higher "
+                "opset)")
+    where = ""
+    for line in graph_log.splitlines():
+        if f"= {op.group(1)}(" in line and "scope: " in line:
+            where = _module_of(line.split("scope: ", 1)[1].split(" # ", 1)[0])
+            break
+    return (f"torch.onnx.export has no ONNX form for the operator '{op.group(1)}' at opset "
+            f"{opset}{where}; write that part with standard torch ops, try a higher opset, "
+            "or keep it out of the exported model")
+
+
+def _module_of(scope: str) -> str:
+    """' in module enc.layers.0 (TransformerEncoderLayer)' from a TorchScript scope such as
+    'Top::/pkg.TransformerEncoder::enc/pkg.TransformerEncoderLayer::layers.0'."""
+    parts = [p.split("::", 1) for p in scope.strip().split("/") if "::" in p]
+    names = [name for _, name in parts if name]
+    if not names:
+        return ""
+    cls = parts[-1][0].rsplit(".", 1)[-1]
+    return f", used in module '{'.'.join(names)}' ({cls})"
 
 
 def check_model(path: Path) -> None:

@@ -65,5 +65,7 @@ class Untraceable(nn.Module):
 def test_untraceable_model_is_a_stage_error(tmp_path):
     from compresskit.backends.onnx_export import ExportError, export_onnx
 
-    with pytest.raises(ExportError, match="torch.onnx.export could not trace the model"):
+    with pytest.raises(ExportError, match="no ONNX form for the operator 'aten::linalg_eigvals'"
+                       ) as info:
         export_onnx(Untraceable(), torch.ones(2, 1, 8, 8), tmp_path / "m.onnx", opset=17)
+    assert "\n" not in str(info.value)
