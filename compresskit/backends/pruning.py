@@ -5,8 +5,11 @@ The only module that imports torch_pruning.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -16,12 +19,16 @@ from torch import nn
 from compresskit.inputs import call
 
 HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads")
-QKV_NAMES = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("q", "k", "v"),
-             ("qkv",), ("in_proj",))
+QKV_NAMES = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("q_lin", "k_lin", "v_lin"),
+             ("q", "k", "v"), ("qkv",), ("in_proj",))
 
 
 class PruneError(Exception):
     """Pruning cannot be done as configured; the message says what to change."""
+
+
+class TraceError(PruneError):
+    """torch-pruning cannot build the model's dependency graph at all."""
 
 
 def importance(name: str) -> Any:
@@ -78,9 +85,9 @@ def make_pruner(model: nn.Module, example: torch.Tensor, *, criterion: str, rati
                 max_layer_ratio: float, round_to: int | None, heads: bool) -> Any:
     attn = attention_modules(model) if heads else []
     num_heads = {layer: getattr(mod, attr) for mod, attr, layers in attn for layer in layers}
-    mha = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
     modules = dict(model.named_modules())
-    num_heads.update({m: m.num_heads for m in mha})  # type: ignore[misc]
+    # nn.MultiheadAttention is left to torch-pruning's own MHA pruner: its head pruning
+    # expects q/k/v Linear layers and fails on the fused in_proj (torch-pruning 1.6).
     try:
         return tp.pruner.MetaPruner(
             model, example, importance=importance(criterion), pruning_ratio=ratio,
@@ -90,22 +97,127 @@ def make_pruner(model: nn.Module, example: torch.Tensor, *, criterion: str, rati
             num_heads=num_heads, prune_num_heads=bool(num_heads), prune_head_dims=False,
             head_pruning_ratio=ratio if num_heads else 0.0)
     except Exception as e:  # tracing runs the user's forward: anything can surface here
-        raise PruneError(f"torch-pruning could not trace the model's dependency graph "
+        raise TraceError(f"torch-pruning could not trace the model's dependency graph "
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
                          "Add the module that fails to 'ignore', or prune a model without "
                          "data-dependent control flow") from None
 
 
-def step(pruner: Any, model: nn.Module) -> None:
-    """One pruning step, then the head counts of custom attention modules follow their q/k/v."""
-    pruner.step()
+@contextlib.contextmanager
+def time_limit(seconds: int, what: str) -> Iterator[None]:
+    """Raise TraceError when the block runs longer than `seconds` (main thread only, where
+    SIGALRM is delivered): torch-pruning's graph tracing can run away on some models."""
+    if threading.current_thread() is not threading.main_thread() or \
+            not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def expire(signum: int, frame: Any) -> None:
+        raise TraceError(f"{what} took more than {seconds} s (trace_seconds) and was "
+                         "stopped; torch-pruning's tracing runs away on some models (window "
+                         "attention). Add such modules to 'ignore' to prune the rest")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+class UnsafeGroup(Exception):
+    """Pruning the group rooted at `layer` breaks the model's forward pass."""
+
+    def __init__(self, layer: str, reason: str, layers: list[str]):
+        super().__init__(f"{layer}: {reason}")
+        self.layer, self.reason, self.layers = layer, reason, layers
+
+
+def step(pruner: Any, model: nn.Module, check: Callable[[], None] | None = None) -> None:
+    """One pruning step, group by group; the head counts of custom attention modules follow
+    their q/k/v. With `check` (a forward pass that raises), a group whose pruning breaks the
+    model stops the step with UnsafeGroup naming the group's root layer."""
+    names = {m: n for n, m in model.named_modules()}
+    groups = pruner.step(interactive=True)
+    while True:
+        try:
+            group = next(groups)
+        except StopIteration:
+            break
+        except Exception as e:  # torch-pruning's own failure on this model
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise TraceError(f"torch-pruning failed while pruning ({type(e).__name__}: "
+                             f"{first})") from None
+        group.prune()
+        _follow_heads(pruner, model)
+        if check is not None:
+            try:
+                check()
+            except TraceError:  # the time budget ran out during the forward pass
+                raise
+            except Exception as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                members = [names[d.target.module] for d, _ in group
+                           if isinstance(d.target.module, nn.Module)
+                           and d.target.module in names and names[d.target.module]
+                           and any(True for _ in d.target.module.parameters(recurse=False))]
+                raise UnsafeGroup(names.get(group[0].dep.target.module, "?"),
+                                  f"{type(e).__name__}: {first}"[:200],
+                                  list(dict.fromkeys(members))) from None
+
+
+def _follow_heads(pruner: Any, model: nn.Module) -> None:
+    """Head counts, and the widths derived from them, follow the pruned projections."""
     for mod, attr, layers in attention_modules(model):
         if layers[0] in pruner.num_heads:
-            setattr(mod, attr, int(pruner.num_heads[layers[0]]))
-            for size_attr in ("all_head_size", "inner_dim"):
-                if isinstance(getattr(mod, size_attr, None), int):
+            heads = int(pruner.num_heads[layers[0]])
+            old = getattr(mod, attr)
+            if heads == old:
+                continue
+            setattr(mod, attr, heads)
+            for size_attr in ("all_head_size", "inner_dim", "dim"):
+                width = getattr(mod, size_attr, None)
+                per_head = getattr(mod, "attention_head_size", getattr(mod, "head_dim", None))
+                if isinstance(width, int) and isinstance(per_head, int) \
+                        and width == old * per_head:
+                    setattr(mod, size_attr, heads * per_head)
+                elif size_attr != "dim" and isinstance(width, int):
                     setattr(mod, size_attr, layers[0].out_features // (3 if len(layers) == 1
                                                                          else 1))
+
+
+def unsafe_layers(model: nn.Module, example: Any, ratio: float, ignored: list[str],
+                  max_tries: int = 20, **pruner_args: Any) -> dict[str, str]:
+    """Layers of the groups whose pruning at `ratio` breaks the forward pass (a reshape by a
+    hard-coded size, a channel split torch-pruning cannot follow), with why: found on trial
+    copies, pruning group by group and running the forward after each, so the real pruning
+    leaves every layer of such a group whole."""
+    with torch.no_grad():
+        want = tuple(call(model.eval(), example).shape)
+    found: dict[str, str] = {}
+    for _ in range(max_tries):
+        trial = copy.deepcopy(model)
+
+        def check() -> None:
+            with torch.no_grad():
+                got = tuple(call(trial.eval(), example).shape)  # noqa: B023
+            if got != want:
+                raise ValueError(f"the output shape became {list(got)}")
+
+        pruner = make_pruner(trial, example, ratio=ratio, steps=1,
+                             ignored=[*ignored, *found], **pruner_args)
+        try:
+            step(pruner, trial, check)
+            return found
+        except UnsafeGroup as e:
+            fresh = [n for n in e.layers or [e.layer] if n not in found and n != "?"]
+            if not fresh:
+                break
+            found.update({n: f"in the group of {e.layer}: {e.reason}" for n in fresh})
+    raise PruneError("pruning keeps breaking the forward pass (" + "; ".join(
+        f"{k}: {v}" for k, v in found.items()) + "); add the modules that hard-code sizes "
+        "to 'ignore'")
 
 
 def ratio_for_target(model: nn.Module, example: torch.Tensor, measure: Callable[[nn.Module], float],

@@ -132,12 +132,19 @@ class PruneConfig(CompressOptions):
         True,
         description=(
             "Remove whole attention heads (at the same ratio) in modules that have a "
-            "'num_heads' attribute and q/k/v (or qkv) Linear children, and in "
-            "nn.MultiheadAttention."
+            "head-count attribute (num_heads, num_attention_heads, n_heads) and q/k/v (or "
+            "qkv) Linear children; nn.MultiheadAttention is pruned by torch-pruning's own rule."
         ),
     )
     calibration_batches: int = Field(
         4, ge=1, description="Training batches whose gradients rank channels for 'taylor'."
+    )
+    trace_seconds: int = Field(
+        300, ge=5,
+        description=(
+            "Time budget for torch-pruning's tracing and the trial prunes that find groups "
+            "which cannot be pruned safely; past it the model is left whole, with a warning."
+        ),
     )
 
     model_config = ConfigDict(populate_by_name=True)

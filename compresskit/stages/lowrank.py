@@ -9,11 +9,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
 from torch import nn
 
 from compresskit import structure
 from compresskit.config import LowRankConfig
 from compresskit.context import StageContext, StageResult
+from compresskit.inputs import call
 from compresskit.ops import lowrank as lr
 from compresskit.stages.shrink import Shrink
 
@@ -44,6 +46,17 @@ def choose_rank(layer: nn.Module, cfg: LowRankConfig) -> tuple[int | None, str, 
     return rank, "", error
 
 
+def _forward_error(model: nn.Module, example: Any) -> str:
+    """'' when the model runs on `example`, else the error's first line."""
+    try:
+        with torch.no_grad():
+            call(model.eval(), example)
+    except Exception as e:
+        text = str(e).strip()
+        return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"[:200]
+    return ""
+
+
 def run(cfg: LowRankConfig, ctx: StageContext) -> StageResult:
     job = Shrink(cfg, ctx)
     model = job.model
@@ -63,6 +76,11 @@ def run(cfg: LowRankConfig, ctx: StageContext) -> StageResult:
         new = (lr.factorize_linear(layer, rank) if isinstance(layer, nn.Linear)
                else lr.factorize_conv(layer, rank))
         structure.set_module(model, name, new)
+        broken = _forward_error(model, job.example)
+        if broken:  # the model reads the layer's .weight itself (HF ViT's patch embedding)
+            structure.set_module(model, name, layer)
+            skipped[name] = f"the forward pass fails with it factorised ({broken})"
+            continue
         layers[name] = {"kind": kind, "rank": rank,
                         "full_rank": min(layer.weight.shape[0], layer.weight[0].numel()),
                         "weight_error": round(error, 4)}

@@ -55,21 +55,37 @@ def run(cfg: PruneConfig, ctx: StageContext) -> StageResult:
         criterion=cfg.importance, ignored=job.ignored(keep), global_ranking=cfg.global_ranking,
         max_layer_ratio=cfg.max_layer_ratio, round_to=cfg.round_to, heads=cfg.heads)
     key, amount = cfg.amount()
+    search = {k: v for k, v in args.items() if k != "ignored"}
+    before = structure.snapshot(model)
     try:
-        if key == "ratio":
-            ratio = amount
-        else:
-            index = 0 if key == "target_macs" else 1
+        with pruning.time_limit(cfg.trace_seconds, "tracing and trial-pruning the model"):
+            left_whole = pruning.unsafe_layers(
+                model, example, amount if key == "ratio" else 0.5, args["ignored"],
+                **{**search, "criterion": "l2"})  # structure alone: no gradients needed
+            args["ignored"] = [*args["ignored"], *left_whole]
+            if key == "ratio":
+                ratio = amount
+            else:
+                index = 0 if key == "target_macs" else 1
 
-            def measured(m: nn.Module) -> float:
-                return pruning.count(m, example)[index]
+                def measured(m: nn.Module) -> float:
+                    return pruning.count(m, example)[index]
 
-            ratio, kept = pruning.ratio_for_target(model, example, measured, amount, **args)
-            ctx.log(f"{key} {amount:.2f}: ratio {ratio:.3f} per group keeps {kept:.3f}")
-        pruner = pruning.make_pruner(model, example, ratio=ratio, steps=cfg.steps, **args)
+                ratio, kept = pruning.ratio_for_target(model, example, measured, amount, **args)
+                ctx.log(f"{key} {amount:.2f}: ratio {ratio:.3f} per group keeps {kept:.3f}")
+            pruner = pruning.make_pruner(model, example, ratio=ratio, steps=cfg.steps, **args)
+    except pruning.TraceError as e:
+        # Nothing can be pruned safely: the model goes on whole, and the report says why.
+        ctx.log(f"[yellow]warning:[/yellow] the model is left whole: {e}")
+        return job.finish(structure.reshape_edit(before, before), {
+            "ratio": 0.0, "mode": key, "requested": amount, "steps": 0,
+            "importance": cfg.importance, "kept_whole": keep,
+            "left_whole": {"(whole model)": str(e)}, "recovery_loss": None})
     except pruning.PruneError as e:
         raise StageError(ctx.name, str(e)) from None
-    before = structure.snapshot(model)
+    for layer, why in left_whole.items():
+        ctx.log(f"[yellow]left whole:[/yellow] {layer} (pruning it breaks the forward pass: "
+                f"{why})")
     losses = []
     for i in range(cfg.steps):
         if cfg.importance == "taylor":
@@ -87,4 +103,5 @@ def run(cfg: PruneConfig, ctx: StageContext) -> StageResult:
     edit = structure.reshape_edit(before, structure.snapshot(model))
     return job.finish(edit, {"ratio": round(ratio, 4), "mode": key, "requested": amount,
                              "steps": cfg.steps, "importance": cfg.importance,
-                             "kept_whole": keep, "recovery_loss": losses[-1]})
+                             "kept_whole": keep, "left_whole": left_whole,
+                             "recovery_loss": losses[-1]})

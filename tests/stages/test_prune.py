@@ -76,9 +76,15 @@ def test_unreachable_target_fails_before_anything_is_saved(tmp_path):
     assert not (out / "01-prune").exists()
 
 
-def test_a_forward_that_hard_codes_sizes_is_named(tmp_path):
-    with pytest.raises(StageError, match="fails in module 'flat'.*Add 'flat'"):
-        run(pipeline("hard_coded", {"ratio": 0.5, "recover": 0}), tmp_path / "run")
+def test_a_group_that_breaks_the_forward_is_left_whole_and_named(tmp_path):
+    """Pruning `body` breaks a reshape by a hard-coded size: found on a trial copy, the group is
+    left whole (listed with why), and the stage still finishes with a model that runs."""
+    out = tmp_path / "run"
+    report = run(pipeline("hard_coded", {"ratio": 0.5, "recover": 0}), out)
+    m = report["stages"][1]["metrics"]
+    assert "body" in m["left_whole"], m["left_whole"]
+    assert "RuntimeError" in m["left_whole"]["body"]
+    assert m["after"]["params"] == m["before"]["params"]  # nothing else could be pruned
 
 
 def test_ignore_pattern_matching_nothing_warns_with_close_names(tmp_path, capsys):
