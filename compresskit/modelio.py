@@ -85,6 +85,11 @@ def read_state_dict(path: Path, what: str) -> dict[str, torch.Tensor]:
 def load_weights(model: nn.Module, path: Path, what: str) -> None:
     state = read_state_dict(path, what)
     own = model.state_dict()
+    if state and all(k.startswith("model.") for k in state) and not any(
+            k.startswith("model.") for k in own):
+        # Saved from the wrapped model every stage sees (Entry: named inputs, a picked
+        # output), such as a train stage's teacher.pt: the model's own keys are inside.
+        state = {k.removeprefix("model."): v for k, v in state.items()}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     mismatched = [f"{k} {list(state[k].shape)} vs model {list(own[k].shape)}"
@@ -204,6 +209,10 @@ def adapt(model: nn.Module, output: OutputConfig, inputs: Sequence[InputConfig],
     """The model itself when it takes one positional input and returns one tensor; else an
     Entry. Input names the forward does not take are the user's error, named here."""
     names = [i.name for i in inputs]
+    if names == ["input"] and hf.is_hf_model(model):
+        # One unnamed input goes where the model wants its main input (pixel_values for a
+        # vision model, input_ids for a text one): HF forwards take everything by keyword.
+        names = [str(getattr(model, "main_input_name", "input"))]
     keyword = len(names) > 1 or names[0] != "input" or hf.is_hf_model(model)
     if keyword:
         taken, var_kw = forward_parameters(model)

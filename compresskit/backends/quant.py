@@ -10,6 +10,7 @@ onnxruntime actually optimised.
 
 from __future__ import annotations
 
+import functools
 import re
 import tempfile
 from collections import defaultdict
@@ -24,6 +25,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from compresskit.backends.onnx_graph import node_macs
+from compresskit.inputs import call
 
 INTEGER_OPS = {"QLinearConv": 3, "QGemm": 3, "QLinearMatMul": 3, "MatMulInteger": 1,
                "ConvInteger": 1, "DynamicQuantizeMatMul": 1, "MatMulIntegerToFloat": 1}
@@ -37,7 +39,7 @@ class QuantError(Exception):
 
 
 # -- torch side ---------------------------------------------------------------------------------
-def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> list[str]:
+def fold_batchnorm(model: nn.Module, example: Any) -> list[str]:
     """Fold each BatchNorm that directly follows a convolution (its input is the conv's output
     tensor) into that convolution, in place; returns the folded BatchNorm names. The result is
     checked against the unfolded model, and a fold that changes outputs is undone."""
@@ -58,7 +60,7 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> list[str]:
                 if id(i[0]) in produced else None))
     try:
         with torch.no_grad():
-            reference = model(example)
+            reference = call(model, example)
     finally:
         for h in hooks:
             h.remove()
@@ -73,7 +75,7 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> list[str]:
         set_module(model, conv_name, fuse_conv_bn_eval(conv, bn))  # type: ignore[arg-type,type-var]
         set_module(model, bn_name, nn.Identity())
         with torch.no_grad():
-            same = torch.allclose(model(example), reference, atol=1e-4, rtol=1e-3)
+            same = torch.allclose(call(model, example), reference, atol=1e-4, rtol=1e-3)
         if same:
             folded.append(bn_name)
         else:  # the conv's output is also read elsewhere: folding would change the model
@@ -103,9 +105,20 @@ class _Top(nn.Module):
         return self.model(*x)  # type: ignore[no-any-return]
 
 
+def _nncf() -> Any:
+    """nncf, with room for its first-use compile of a torch extension (about 50 s on 2 idle
+    cores): its own 60 s limit fails QAT on a busy or slow machine."""
+    import os
+
+    os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "900")
+    import nncf
+
+    return nncf
+
+
 def nncf_quantize(model: nn.Module, batches: list[torch.Tensor], *, preset: str,
                   ignore: list[str], overflow_fix: bool, per_channel: bool) -> nn.Module:
-    import nncf
+    nncf = _nncf()
     from nncf.quantization.advanced_parameters import (
         AdvancedQuantizationParameters,
         OverflowFix,
@@ -117,15 +130,23 @@ def nncf_quantize(model: nn.Module, batches: list[torch.Tensor], *, preset: str,
         ignore = [f"model.{p}" for p in ignore]
     scope = nncf.IgnoredScope(patterns=module_patterns_to_regex(ignore), validate=False) \
         if ignore else None
+    # NNCF's transformer scheme quantizes the Linear layers' and attention's matmuls and leaves
+    # what only feeds masks and positions alone (BERT's integer attention-mask arithmetic).
+    transformer = any(isinstance(m, nn.LayerNorm) for m in model.modules())
     try:
         return nncf.quantize(
-            model, nncf.Dataset(batches), subset_size=sum(len(b) for b in batches),
+            model, nncf.Dataset(batches), subset_size=len(batches),  # items: batches
+            model_type=nncf.ModelType.TRANSFORMER if transformer else None,
             preset=nncf.QuantizationPreset.MIXED if preset == "mixed"
             else nncf.QuantizationPreset.PERFORMANCE,
             ignored_scope=scope, target_device=nncf.TargetDevice.CPU,
             advanced_parameters=AdvancedQuantizationParameters(
                 overflow_fix=OverflowFix.ENABLE if overflow_fix else OverflowFix.DISABLE,
-                weights_quantization_params=QuantizationParameters(per_channel=per_channel),
+                # NNCF's CPU default is already per-channel weights; naming it explicitly
+                # breaks its LayerNorm handling ("shape '[64]' is invalid for input of size
+                # 1", shared/facts.md), so only per-tensor is spelt out.
+                weights_quantization_params=None if per_channel
+                else QuantizationParameters(per_channel=False),
                 # onnxruntime's QLinearConv takes one input scale: NNCF would otherwise give
                 # depthwise convolutions per-channel input quantizers, left float.
                 activations_quantization_params=QuantizationParameters(per_channel=False)))
@@ -137,9 +158,20 @@ def nncf_quantize(model: nn.Module, batches: list[torch.Tensor], *, preset: str,
 
 
 def strip(model: nn.Module, example: torch.Tensor) -> nn.Module:
-    import nncf
+    """NNCF's quantizers as torch FakeQuantize modules. A quantizer NNCF hooked onto an integer
+    tensor (Swin's window index arithmetic) passes it through: its training-time quantizer
+    did, while torch's fake_quantize kernels have no integer form."""
+    from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 
-    return nncf.strip(model, do_copy=True, example_input=example).eval()
+    stripped = _nncf().strip(model, do_copy=True, example_input=example).eval()
+    for m in stripped.modules():
+        if isinstance(m, FakeQuantizeBase):
+            m.forward = functools.partial(_float_only, m.forward)  # type: ignore[method-assign]
+    return stripped  # type: ignore[no-any-return]
+
+
+def _float_only(quantize: Any, x: torch.Tensor) -> torch.Tensor:
+    return quantize(x) if x.is_floating_point() else x  # type: ignore[no-any-return]
 
 
 # -- ONNX side ----------------------------------------------------------------------------------
@@ -153,6 +185,65 @@ def _const_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
         elif n.op_type == "Identity" and n.input[0] in arrays:
             arrays[n.output[0]] = arrays[n.input[0]]
     return arrays
+
+
+def fake_quantize_as_qdq(path: Path) -> int:
+    """Rewrite each `org.openvinotoolkit:FakeQuantize` that `nncf.strip` left in the graph
+    (with torch 2.14, shared quantizers in front of a Concat) as the QuantizeLinear ->
+    DequantizeLinear pair onnxruntime runs: levels 256 over [low, high] is uint8 with scale
+    (high - low) / 255 and zero point -low / scale; levels 255 with low = -high is int8
+    with zero point 0. Returns how many were rewritten; raises QuantError for one that has no
+    such form, since onnxruntime would refuse the file."""
+    from onnx import helper
+
+    model = onnx.load(str(path))
+    consts = _const_arrays(model)
+    out_nodes: list[onnx.NodeProto] = []
+    changed = 0
+    for n in model.graph.node:
+        if n.op_type != "FakeQuantize":
+            out_nodes.append(n)
+            continue
+        levels = next((helper.get_attribute_value(a) for a in n.attribute
+                       if a.name == "levels"), 256)
+        bounds = [consts.get(i) for i in n.input[1:5]]
+        if any(b is None or b.size != 1 for b in bounds) or levels not in (255, 256):
+            raise QuantError(f"NNCF left a FakeQuantize node ({n.name or n.output[0]}: "
+                             f"{levels} levels, per-channel or computed bounds) that "
+                             "onnxruntime cannot run; add the module in front of it to "
+                             "'ignore'")
+        lo, hi, out_lo, out_hi = (float(b.reshape(-1)[0]) for b in bounds)  # type: ignore[union-attr]
+        if (lo, hi) != (out_lo, out_hi):
+            raise QuantError(f"NNCF left a FakeQuantize node ({n.name or n.output[0]}) whose "
+                             "output range differs from its input range; add the module in "
+                             "front of it to 'ignore'")
+        scale = max((hi - lo) / (levels - 1), 1e-12)
+        if levels == 255:
+            zp = np.array(0, np.int8)
+        else:
+            zp = np.array(np.clip(np.rint(-lo / scale), 0, 255), np.uint8)
+        base = n.output[0]
+        model.graph.initializer.extend([
+            numpy_helper.from_array(np.array(scale, np.float32), f"{base}_fqscale"),
+            numpy_helper.from_array(zp, f"{base}_fqzp")])
+        out_nodes += [
+            helper.make_node("QuantizeLinear", [n.input[0], f"{base}_fqscale", f"{base}_fqzp"],
+                             [f"{base}_fq"]),
+            helper.make_node("DequantizeLinear", [f"{base}_fq", f"{base}_fqscale",
+                                                  f"{base}_fqzp"], [base])]
+        changed += 1
+    if changed:
+        del model.graph.node[:]
+        model.graph.node.extend(out_nodes)
+        used = {i for n in out_nodes for i in n.input}
+        kept = [i for i in model.graph.initializer if i.name in used]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(kept)
+        del model.opset_import[:]
+        model.opset_import.extend([o for o in onnx.load(str(path)).opset_import
+                                   if o.domain != "org.openvinotoolkit"])
+        onnx.save(model, str(path))
+    return changed
 
 
 def int8_weights(path: Path) -> int:
@@ -235,6 +326,201 @@ def unsigned_activations(path: Path) -> int:
         _compact(model)
         onnx.save(model, str(path))
     return changed
+
+
+WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
+
+
+def close_qdq(path: Path, batches: list[Any]) -> list[str]:
+    """Give every layer with quantized weights the DQ -> op -> Q frame onnxruntime needs to run
+    it as integer code, where NNCF left a side open; returns what was added, layer by layer.
+
+    NNCF quantizes where OpenVINO wants quantizers, which is not always where onnxruntime looks:
+    no quantizer on a model input read by the first layer (an MLP's first Gemm, a ViT's patch
+    convolution), none after the last layer (the classifier's logits), and the quantizer after
+    an activation rather than after the conv before it (EfficientNet's SiLU). Each missing
+    input, and each conv output nothing quantizes, gets a uint8 quantizer over the range the
+    tensor takes on `batches` (the float graph run as it is). A MatMul needs no quantized
+    output: onnxruntime runs DQ -> MatMul as MatMulIntegerToFloat; nor does a Gemm once its
+    bias is stored as int32 (QGemm with a float output), so logits are not quantized."""
+    from onnx import helper
+
+    model = onnx.load(str(path))
+    consts = _const_arrays(model)
+    producers = {o: n for n in model.graph.node for o in n.output}
+    consumers = _consumers(model)
+    graph_inputs = {i.name for i in model.graph.input}
+
+    def dq_of_const(name: str) -> bool:
+        n = producers.get(name)
+        if n is not None and n.op_type == "Transpose":  # a Linear exported as MatMul
+            n = producers.get(n.input[0])
+        return n is not None and n.op_type == "DequantizeLinear" and n.input[0] in consts
+
+    into: dict[str, list[onnx.NodeProto]] = defaultdict(list)  # tensor -> layers reading it
+    after: list[str] = []  # conv outputs
+    for n in model.graph.node:
+        if n.op_type not in WEIGHTED_OPS or len(n.input) < 2 or not dq_of_const(n.input[1]):
+            continue
+        act = n.input[0]
+        source = producers.get(act)
+        if source is None and act not in graph_inputs:
+            continue
+        if source is None or source.op_type != "DequantizeLinear":
+            into[act].append(n)
+        users = consumers[n.output[0]]
+        if users and all(u.op_type == "QuantizeLinear" for u in users):
+            continue
+        if n.op_type == "Conv":
+            after.append(n.output[0])
+    wanted = list(dict.fromkeys([*after, *into]))
+    ranges = _observe(model, wanted, batches) if wanted else {}
+    wanted = [t for t in wanted if t in ranges]
+    done = [f"{_name(n)} output" for t in wanted if t in after for n in [producers[t]]]
+    done += [f"{_name(n)} input" for t in wanted if t in into for n in into[t]]
+    inserted_after: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for t in wanted:
+        lo, hi = ranges[t]
+        lo, hi = min(lo, 0.0), max(hi, 0.0)
+        scale = max((hi - lo) / 255.0, 1e-8)
+        zp = int(np.clip(np.rint(-lo / scale), 0, 255))
+        s_name, z_name = f"{t}_cscale", f"{t}_czp"
+        model.graph.initializer.extend([
+            numpy_helper.from_array(np.array(scale, np.float32), s_name),
+            numpy_helper.from_array(np.array(zp, np.uint8), z_name)])
+        if t in after:  # the conv writes a float tensor a Q/DQ pair hands on under its name
+            src, out = f"{t}_cfloat", t
+            producers[t].output[0] = src
+        else:  # the layers read a quantized copy; other readers keep the float tensor
+            src, out = t, f"{t}_cdq"
+            for layer in into[t]:
+                layer.input[0] = out
+        nodes = [helper.make_node("QuantizeLinear", [src, s_name, z_name], [f"{t}_cq"]),
+                 helper.make_node("DequantizeLinear", [f"{t}_cq", s_name, z_name], [out])]
+        inserted_after[src] += nodes
+    order: list[onnx.NodeProto] = [*[q for i in graph_inputs for q in inserted_after.get(i, [])]]
+    for n in model.graph.node:
+        order.append(n)
+        for o in n.output:
+            order += inserted_after.get(o, [])
+    del model.graph.node[:]
+    model.graph.node.extend(order)
+    done += _int32_biases(model)
+    if done:
+        onnx.save(model, str(path))
+    return done
+
+
+def _name(node: onnx.NodeProto) -> str:
+    return f"{node.op_type} {node.name or node.output[0]}"
+
+
+def _int32_biases(model: onnx.ModelProto) -> list[str]:
+    """Store each float Conv and Gemm bias as int32 behind a DequantizeLinear (scale: input
+    scale times weight scale, zero point 0), as onnxruntime's own quantizer does. Its QDQ Gemm
+    fusion wants every input dequantized, and then runs QGemm even with a float output (the
+    logits); and for a Conv, onnxruntime's WeightBiasQuantization would otherwise do it at
+    load time, out of sight of the graph the parity check simulates. Returns the layers
+    changed."""
+    from onnx import helper
+
+    consts = _const_arrays(model)
+    producers = {o: n for n in model.graph.node for o in n.output}
+
+    def dq_scale(name: str) -> np.ndarray | None:
+        n = producers.get(name)
+        if n is None or n.op_type != "DequantizeLinear" or n.input[1] not in consts:
+            return None
+        return consts[n.input[1]].astype(np.float32)
+
+    changed = []
+    for n in list(model.graph.node):
+        if n.op_type not in ("Gemm", "Conv") or len(n.input) < 3 or n.input[2] not in consts \
+                or consts[n.input[2]].dtype != np.float32:
+            continue
+        a_scale, w_scale = dq_scale(n.input[0]), dq_scale(n.input[1])
+        bias = consts[n.input[2]]
+        if a_scale is None or w_scale is None or a_scale.size != 1 or bias.ndim != 1 \
+                or w_scale.size not in (1, bias.size):
+            continue
+        if w_scale.size == bias.size:
+            w_scale = _widen_for_bias(model, producers[n.input[1]], consts, bias,
+                                      float(a_scale.reshape(-1)[0]))
+        scale = (a_scale.reshape(-1)[0] * w_scale.reshape(-1) * np.ones(bias.size)).astype(
+            np.float32)
+        q = np.clip(np.rint(bias / scale), -(2**31), 2**31 - 1).astype(np.int32)
+        base = f"{n.output[0]}_bias"
+        model.graph.initializer.extend([
+            numpy_helper.from_array(q, f"{base}_q"),
+            numpy_helper.from_array(scale, f"{base}_scale"),
+            numpy_helper.from_array(np.zeros(bias.size, np.int32), f"{base}_zp")])
+        dq = helper.make_node("DequantizeLinear", [f"{base}_q", f"{base}_scale", f"{base}_zp"],
+                              [base], axis=0)
+        n.input[2] = base
+        model.graph.node.insert(list(model.graph.node).index(n), dq)
+        changed.append(f"{_name(n)} bias as int32")
+    return changed
+
+
+def _widen_for_bias(model: onnx.ModelProto, weight_dq: onnx.NodeProto,
+                    consts: dict[str, np.ndarray], bias: np.ndarray,
+                    a_scale: float) -> np.ndarray:
+    """Per-channel weight scales, widened where bias / (input scale x weight scale) would
+    overflow int32 (a channel whose weights are all but zero), with that channel's int8
+    weights requantized to the wider scale: what onnxruntime's quantizer does, instead of
+    clipping the bias, which loses it. Returns the scales in use."""
+    w_scale = consts[weight_dq.input[1]].astype(np.float32).reshape(-1)
+    need = np.abs(bias) / (a_scale * (2**31 - 1)) * 1.01
+    wider = need > w_scale
+    if not wider.any() or weight_dq.input[0] not in consts:
+        return w_scale
+    q = consts[weight_dq.input[0]]
+    axis = next((a.i for a in weight_dq.attribute if a.name == "axis"), 1) % q.ndim
+    new_scale = np.where(wider, need, w_scale).astype(np.float32)
+    shape = [1] * q.ndim
+    shape[axis] = -1
+    info = np.iinfo(q.dtype)
+    ratio = (w_scale / new_scale).reshape(shape)
+    requantized = np.clip(np.rint(q.astype(np.float32) * ratio), info.min, info.max)
+    for init in model.graph.initializer:
+        if init.name == weight_dq.input[0]:
+            init.CopyFrom(numpy_helper.from_array(requantized.astype(q.dtype), init.name))
+        elif init.name == weight_dq.input[1]:
+            init.CopyFrom(numpy_helper.from_array(
+                new_scale.reshape(consts[weight_dq.input[1]].shape), init.name))
+    return new_scale
+
+
+def _observe(model: onnx.ModelProto, tensors: list[str],
+             batches: list[Any]) -> dict[str, tuple[float, float]]:
+    """Min and max of float `tensors` of the graph over `batches`, run unoptimised."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from compresskit import inputs
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None)
+                              for t in tensors if t not in known)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(probe.SerializeToString(), so,
+                                providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    ranges: dict[str, tuple[float, float]] = {}
+    for x in batches:
+        x = inputs.apply(x, lambda v: v.numpy() if hasattr(v, "numpy") else v)
+        values = sess.run(tensors, inputs.feeds(names, x))
+        for t, v in zip(tensors, values, strict=True):
+            if not np.issubdtype(v.dtype, np.floating) or v.size == 0:
+                continue
+            lo, hi = float(v.min()), float(v.max())
+            old = ranges.get(t)
+            ranges[t] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
+    return ranges
 
 
 def drop_saturated_activations(path: Path) -> list[str]:

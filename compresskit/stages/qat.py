@@ -16,22 +16,26 @@ import fnmatch
 import numpy as np
 import torch
 
-from compresskit import measure, quality
+from compresskit import inputs, measure, quality
 from compresskit.backends import quant
 from compresskit.backends.onnx_export import ExportError, export_onnx
+from compresskit.backends.ort import ModelFileError
 from compresskit.config import QatConfig
 from compresskit.context import StageContext, StageResult
 from compresskit.errors import StageError
 from compresskit.modelio import example_input
-from compresskit.stages.int8 import calibration, publish
+from compresskit.stages.int8 import (
+    agreement,
+    agrees,
+    calibration,
+    onnx_logits,
+    publish,
+    shown,
+)
 from compresskit.stages.shrink import fine_tune
 
 
 def run(cfg: QatConfig, ctx: StageContext) -> StageResult:
-    if len(ctx.config.inputs) > 1:
-        raise StageError(ctx.name, "qat handles models with one input; for a model with "
-                                   "several (a transformer's input_ids and attention_mask), "
-                                   "use ptq after export (dynamic: true for transformers)")
     x, y = measure.eval_arrays(ctx)
     student = copy.deepcopy(ctx.model(cfg.model)).cpu().eval()
     work = ctx.work_dir
@@ -47,9 +51,11 @@ def run(cfg: QatConfig, ctx: StageContext) -> StageResult:
             close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.4)
             ctx.log(f"[yellow]warning:[/yellow] ignore pattern '{pattern}' matches no module"
                     + (f"; closest module names: {', '.join(close)}" if close else ""))
-    folded = quant.fold_batchnorm(student, torch.from_numpy(x[:8]))
+    folded = quant.fold_batchnorm(student, inputs.apply(inputs.take(x, slice(0, 8)),
+                                                        torch.from_numpy))
+    batches = calibration(ctx, cfg.calibration_samples)
     try:
-        model = quant.nncf_quantize(student, calibration(ctx, cfg.calibration_samples),
+        model = quant.nncf_quantize(student, batches,
                                     preset=cfg.preset, ignore=cfg.ignore,
                                     overflow_fix=cfg.reduce_range, per_channel=cfg.per_channel)
     except quant.QuantError as e:
@@ -61,16 +67,33 @@ def run(cfg: QatConfig, ctx: StageContext) -> StageResult:
     example = example_input(ctx.config.inputs, batch=2)
     stripped = quant.strip(model, example)
     with torch.no_grad():
-        reference = stripped(torch.from_numpy(x)).float().numpy()
+        reference = inputs.call(stripped, inputs.apply(x, torch.from_numpy)).float().numpy()
     staged = work / f"{cfg.model}.int8.onnx"
     try:
         export_onnx(stripped, example, staged, cfg.opset, ctx.config.inputs)
     except ExportError as e:
         raise StageError(ctx.name, f"the quantized {cfg.model} cannot be exported: {e}"
                          ) from None
+    try:
+        fake_quantize = quant.fake_quantize_as_qdq(staged)
+    except quant.QuantError as e:
+        raise StageError(ctx.name, str(e)) from None
     rewritten = quant.int8_weights(staged)
     saturated = quant.drop_saturated_activations(staged)
     unsigned = quant.unsigned_activations(staged)
+    # The file says what the fake-quantized torch model computes (exported faithfully)...
+    try:
+        simulated = onnx_logits(staged, x, simulate=True)
+    except ModelFileError as e:
+        raise StageError(ctx.name, f"the quantized {cfg.model} was exported, but {e}") from None
+    fidelity = agreement(simulated, reference, cfg.logit_tol)
+    if not agrees(fidelity, cfg.logit_tol, cfg.min_agreement):
+        raise StageError(ctx.name, "the exported QDQ graph disagrees with the fake-quantized "
+                         f"torch model: {shown(fidelity, cfg.logit_tol, cfg.min_agreement)}; "
+                         "nothing was written")
+    # ... then quantizers NNCF did not place are added, and `publish` checks that onnxruntime's
+    # integer kernels compute what the final graph says.
+    closed = quant.close_qdq(staged, batches)
     method = "qat+kd" if cfg.distill else "qat"
     metric = quality.primary(ctx.config.task)
     metrics, artifact = publish(
@@ -79,8 +102,11 @@ def run(cfg: QatConfig, ctx: StageContext) -> StageResult:
          f"fake_quant_{metric}": quality.main(ctx.config.task, reference, y),
          "folded_batchnorm": folded, "int8_weight_tensors": rewritten, "final_loss": loss,
          "dropped_activations": saturated, "unsigned_activation_quantizers": unsigned,
+         "added_quantizers": closed, "export_fidelity": fidelity,
+         "fake_quantize_rewritten": fake_quantize,
          "eval_split": ctx.data().eval_name},
-        reference=reference, logit_tol=cfg.logit_tol, min_agreement=cfg.min_agreement)
+        reference=onnx_logits(staged, x, simulate=True), logit_tol=cfg.logit_tol,
+        min_agreement=cfg.min_agreement)
     fp32_path.unlink(missing_ok=True)
     artifact["model"] = cfg.model
     if not np.isfinite(metrics[metric]):

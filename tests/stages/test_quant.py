@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx.numpy_helper
 import pytest
@@ -87,7 +88,7 @@ def test_failed_parity_keeps_the_fp32_artifacts(tmp_path):
     digest = hashlib.sha256(fp32.read_bytes()).hexdigest()
     cfg = pipeline({"type": "export"}, {"type": "qat", "epochs": 0, "calibration_samples": 64,
                                         "logit_tol": 1e-9})
-    with pytest.raises(StageError, match="disagrees with the fake-quantized torch model"):
+    with pytest.raises(StageError, match="disagree"):
         run(cfg, tmp_path)
     assert hashlib.sha256(fp32.read_bytes()).hexdigest() == digest
     assert not (out / "artifacts" / "student.qat.int8.onnx").exists()
@@ -160,3 +161,20 @@ def test_signed_activation_quantizers_become_uint8_with_the_same_values(tmp_path
            if i.name in {n.input[2] for n in model.graph.node}}
     assert zps == {np.dtype(np.uint8)}
     assert np.array_equal(before, ort.InferenceSession(str(path)).run(None, x)[0])
+
+
+def test_agreement_counts_near_ties_apart():
+    """A flip between two logits closer than logit_tol of the range is rounding, not a
+    disagreement; a flip of a clear winner is."""
+    from compresskit.stages.int8 import agreement, agrees
+
+    ref = np.array([[0.0, 10.0, 0.0], [5.0, 5.1, 0.0], [0.0, 0.0, 10.0]], dtype=np.float32)
+    tie_flip = ref.copy()
+    tie_flip[1] = [5.1, 5.0, 0.0]
+    found = agreement(tie_flip, ref, 0.05)
+    assert found["top1_agreement"] == pytest.approx(2 / 3)
+    assert found["decisive_samples"] == 2 and found["decisive_top1_agreement"] == 1.0
+    assert agrees(found, 0.05, 0.97)
+    clear_flip = ref.copy()
+    clear_flip[0] = [10.0, 0.0, 0.0]
+    assert not agrees(agreement(clear_flip, ref, 0.05), None, 0.97)
