@@ -1,0 +1,187 @@
+"""The compatibility matrix: every zoo architecture (tests/zoo/archs.py: torchvision, timm,
+Hugging Face transformers, torch's own) through distill -> prune -> lowrank -> qat -> export ->
+ptq -> benchmark, on tiny data (320 training samples), a few distillation epochs and one epoch
+of recovery and QAT: a compatibility run, not a training run.
+
+Writes a markdown table (architecture x stage: done, or what failed and why; INT8 coverage,
+FP32 and INT8 accuracy, INT8/FP32 latency) and a JSON file of the same rows.
+
+Run: python benchmarks/zoo_matrix.py [--only NAME ...] [--out runs/zoo] [--epochs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+ZOO = ROOT / "tests" / "zoo"
+STAGES = ("distill", "prune", "lowrank", "qat", "export", "ptq", "benchmark")
+TEACHERS = {"image": ("ImageTeacher", {"source": "archs.py:digit_images"},
+                      {"shape": [3, 32, 32]}),
+            "text": ("TokenTeacher", {"source": "archs.py:digit_tokens"},
+                     [{"name": "input_ids", "shape": [64], "dtype": "int64"},
+                      {"name": "attention_mask", "shape": [64], "dtype": "int64"}])}
+
+
+def archs() -> Any:
+    """tests/zoo/archs.py, loaded by path: putting tests/zoo on sys.path would let its
+    models.py shadow the repo's models/ package."""
+    import importlib.util
+
+    if "compresskit_zoo_archs" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("compresskit_zoo_archs", ZOO / "archs.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return sys.modules["compresskit_zoo_archs"]
+
+
+def _pipeline(name: str, task: str, teacher: Path, epochs: int) -> dict[str, Any]:
+    cls, data, inputs = TEACHERS[task]
+    student: dict[str, Any] = {"source": "archs.py:build", "kwargs": {"name": name}}
+    if archs().ARCHS[name][0] == "transformers":
+        student["output"] = {"key": "logits"}
+    fast = {"latency_runs": 10}
+    return {
+        "name": name.replace(" ", "-"), "seed": 0,
+        "data": {**data, "batch_size": 32},
+        "input": inputs,
+        "teacher": {"source": f"archs.py:{cls}", "checkpoint": str(teacher)},
+        "student": student,
+        "stages": [
+            {"type": "distill", "epochs": epochs, "lr": 0.003},
+            {"type": "prune", "ratio": 0.25, "recover": 1, "lr": 0.001, "trace_seconds": 60,
+             **fast},
+            {"type": "lowrank", "rank_ratio": 0.5, "recover": 1, "lr": 0.001,
+             "min_reduction": 0.1, **fast},
+            {"type": "qat", "epochs": 1, "lr": 0.0001, "calibration_samples": 64},
+            {"type": "export", "models": ["student"], "bundle": False},
+            {"type": "ptq", "calibration_samples": 64},
+            {"type": "benchmark", "runs": 20, "warmup": 3, "memory": False},
+        ],
+    }
+
+
+def teachers(out: Path, epochs: int = 6) -> dict[str, Path]:
+    """Train the image and the token teacher once; later runs reuse them (stage cache)."""
+    from compresskit import api
+
+    found = {}
+    for task, (cls, data, inputs) in TEACHERS.items():
+        report = api.run({
+            "name": f"teacher-{task}", "seed": 0, "data": {**data, "batch_size": 32},
+            "input": inputs, "teacher": {"source": f"archs.py:{cls}"},
+            "student": {"source": f"archs.py:{cls}"},
+            "stages": [{"type": "train", "model": "teacher", "epochs": epochs, "lr": 0.01}]},
+            base_dir=ZOO, output_dir=out / f"teacher-{task}", show_progress=False)
+        found[task] = Path(report["run_dir"]) / "00-train" / "teacher.pt"
+    return found
+
+
+def run_one(name: str, out: Path, teacher_paths: dict[str, Path], epochs: int) -> dict[str, Any]:
+    """One architecture through the chain; the row of the matrix."""
+    from compresskit import api
+    from compresskit.errors import ConfigError, StageError
+
+    family, task, _ = archs().ARCHS[name]
+    row: dict[str, Any] = {"architecture": name, "family": family, "task": task,
+                           "kind": "transformer/mlp" if name in archs().NOT_CNN else "cnn",
+                           "stages": {}, "seconds": {}}
+    start = time.perf_counter()
+    report: dict[str, Any] | None = None
+    error = ""
+    try:
+        report = api.run(_pipeline(name, task, teacher_paths[task], epochs), base_dir=ZOO,
+                         output_dir=out / name.replace(" ", "-"), show_progress=False)
+    except (ConfigError, StageError) as e:
+        error = str(e).replace("\n", " ")
+        report = _read(out / name.replace(" ", "-") / "report.json")
+    except Exception as e:  # a bug of ours: the matrix says so instead of stopping the run
+        error = f"internal error {type(e).__name__}: {e}".replace("\n", " ")
+        report = _read(out / name.replace(" ", "-") / "report.json")
+    row["seconds_total"] = time.perf_counter() - start
+    stages = (report or {}).get("stages", [])
+    for s in stages:
+        row["stages"][s["type"]] = s["status"]
+        row["seconds"][s["type"]] = s["seconds"]
+    for t in STAGES:
+        if t not in row["stages"]:
+            row["stages"][t] = "not reached"
+    if error:
+        failed = next((t for t in STAGES if row["stages"][t] in ("failed", "not reached")),
+                      "config")
+        row["stages"][failed] = "failed"
+        row["error"] = error[:400]
+    by_type = {s["type"]: s["metrics"] for s in stages}
+    qat = by_type.get("qat", {})
+    row["int8_coverage"] = qat.get("int8_coverage")
+    row["fp32_accuracy"] = qat.get("fp32_accuracy")
+    row["int8_accuracy"] = qat.get("accuracy")
+    lat = qat.get("latency_ms") or {}
+    if lat.get("fp32") and lat.get("int8"):
+        row["int8_latency_ratio"] = lat["int8"] / lat["fp32"]
+    row["ptq_int8_coverage"] = by_type.get("ptq", {}).get("int8_coverage")
+    floor = 0.95 if row["kind"] == "cnn" else 0.9
+    row["meets_floor"] = row["int8_coverage"] is not None and row["int8_coverage"] >= floor
+    if row["fp32_accuracy"] is not None and row["int8_accuracy"] is not None:
+        row["int8_within_1_point"] = row["int8_accuracy"] >= row["fp32_accuracy"] - 0.01
+    row["float_layers"] = qat.get("float_nodes", [])
+    return row
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    head = ["architecture", *STAGES, "INT8 coverage", "FP32 acc", "INT8 acc", "INT8/FP32 ms"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    mark = {"done": "done", "cached": "done", "failed": "**failed**", "not reached": "-"}
+
+    def num(v: Any, f: str) -> str:
+        return "-" if v is None else format(v, f)
+
+    for r in rows:
+        lines.append("| " + " | ".join([
+            r["architecture"], *(mark.get(r["stages"][t], r["stages"][t]) for t in STAGES),
+            num(r.get("int8_coverage"), ".3f"), num(r.get("fp32_accuracy"), ".3f"),
+            num(r.get("int8_accuracy"), ".3f"), num(r.get("int8_latency_ratio"), ".2f")])
+            + " |")
+    failures = [f"- {r['architecture']}: {r['error']}" for r in rows if r.get("error")]
+    return "\n".join(lines + ([""] + failures if failures else []))
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", help="architecture names (default: all)")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "zoo")
+    parser.add_argument("--epochs", type=int, default=3, help="distillation epochs")
+    args = parser.parse_args(argv)
+    ARCHS = archs().ARCHS  # noqa: N806
+    names = args.only or list(ARCHS)
+    unknown = [n for n in names if n not in ARCHS]
+    if unknown:
+        parser.error(f"unknown architecture {unknown[0]!r}; choose from: {', '.join(ARCHS)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    paths = teachers(args.out)
+    rows = []
+    for name in names:
+        row = run_one(name, args.out, paths, args.epochs)
+        rows.append(row)
+        states = ", ".join(f"{t} {row['stages'][t]}" for t in STAGES)
+        print(f"{name}: {states} ({row['seconds_total']:.0f} s)" + (
+            f"\n  {row['error']}" if row.get("error") else ""), file=sys.stderr, flush=True)
+    (args.out / "matrix.json").write_text(json.dumps(rows, indent=1))
+    (args.out / "matrix.md").write_text(markdown(rows) + "\n")
+    print(markdown(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,253 @@
+"""The compatibility zoo: architectures from torchvision, timm, Hugging Face transformers and
+torch itself, each in a tiny configuration with random weights (built offline), and the two
+tasks they learn: scikit-learn's digits as 3 x 32 x 32 images, and the same digits as
+sequences of 64 pixel tokens. `benchmarks/zoo_matrix.py` runs each through the whole chain.
+
+Each entry is `name: (family, task, builder)`; pipelines reference builders as
+`archs.py:build` with `kwargs: {name: ...}`, as a user's pipeline would reference their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+CLASSES = 10
+IMAGE = 32
+TOKENS = 64  # an 8 x 8 digit, one token per pixel
+VOCAB = 20  # pixel values 0..16, shifted by one (0 is padding), and spares
+
+
+# -- data ---------------------------------------------------------------------------------------
+def _digits(n_train: int, n_test: int) -> tuple[Any, ...]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_digits(return_X_y=True)
+    x_train, x_test, y_train, y_test = train_test_split(
+        x, y, test_size=0.2, random_state=0, stratify=y)
+    return x_train[:n_train], y_train[:n_train], x_test[:n_test], y_test[:n_test]
+
+
+def digit_images(n_train: int = 320, n_test: int = 160) -> dict[str, Any]:
+    """Digits upsampled to 3 x 32 x 32 (grey in every channel), pixels in [0, 1]."""
+    from torch.utils.data import TensorDataset
+
+    x_tr, y_tr, x_te, y_te = _digits(n_train, n_test)
+
+    def ds(x: Any, y: Any) -> TensorDataset:
+        t = torch.tensor(x / 16.0, dtype=torch.float32).reshape(-1, 1, 8, 8)
+        t = nn.functional.interpolate(t, size=IMAGE, mode="bilinear", align_corners=False)
+        return TensorDataset(t.expand(-1, 3, -1, -1).contiguous(), torch.tensor(y))
+
+    return {"train": ds(x_tr, y_tr), "val": ds(x_te, y_te), "test": ds(x_te, y_te)}
+
+
+def digit_tokens(n_train: int = 320, n_test: int = 160) -> dict[str, Any]:
+    """Digits as 64 token ids (pixel value + 1) with an attention mask over all of them."""
+    x_tr, y_tr, x_te, y_te = _digits(n_train, n_test)
+
+    def ds(x: Any, y: Any) -> list[tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]]:
+        ids = torch.tensor(x, dtype=torch.long) + 1
+        return [((i, torch.ones_like(i)), label) for i, label in zip(ids, torch.tensor(y),
+                                                                       strict=True)]
+
+    return {"train": ds(x_tr, y_tr), "val": ds(x_te, y_te), "test": ds(x_te, y_te)}
+
+
+# -- models of our own: the teachers, an MLP, torch's own transformer ----------------------------
+class ImageTeacher(nn.Module):
+    """A small CNN that learns the digit images well in a few epochs."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        c = width
+        self.features = nn.Sequential(
+            nn.Conv2d(3, c, 3, 2, 1), nn.BatchNorm2d(c), nn.ReLU(),
+            nn.Conv2d(c, 2 * c, 3, 2, 1), nn.BatchNorm2d(2 * c), nn.ReLU(),
+            nn.Conv2d(2 * c, 4 * c, 3, 2, 1), nn.BatchNorm2d(4 * c), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(4 * c, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))  # type: ignore[no-any-return]
+
+
+class TokenTeacher(nn.Module):
+    """Token embeddings, position embeddings and a small CNN over the 8 x 8 grid."""
+
+    def __init__(self, dim: int = 16):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, dim)
+        self.position = nn.Parameter(torch.zeros(1, TOKENS, dim))
+        self.body = ImageTeacher(16)
+        self.body.features[0] = nn.Conv2d(dim, 16, 3, 1, 1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        x = (self.embed(input_ids) + self.position) * attention_mask.unsqueeze(-1)
+        return self.body(x.transpose(1, 2).reshape(x.shape[0], -1, 8, 8))  # type: ignore[no-any-return]
+
+
+class Mlp(nn.Module):
+    """Linear-ReLU-Linear-ReLU-Linear over the flattened image."""
+
+    def __init__(self, hidden: int = 128):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(3 * IMAGE * IMAGE, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, CLASSES))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # type: ignore[no-any-return]
+
+
+class TorchEncoder(nn.Module):
+    """nn.TransformerEncoder (nn.MultiheadAttention inside) over the pixel tokens."""
+
+    def __init__(self, dim: int = 32, heads: int = 4, layers: int = 2):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, dim)
+        self.position = nn.Parameter(torch.zeros(1, TOKENS, dim))
+        layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, CLASSES)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        x = self.encoder(self.embed(input_ids) + self.position,
+                         src_key_padding_mask=attention_mask == 0)
+        return self.head(x.mean(1))  # type: ignore[no-any-return]
+
+
+# -- torchvision ---------------------------------------------------------------------------------
+def _tv() -> Any:
+    import torchvision
+
+    return torchvision.models
+
+
+def tv_resnet() -> nn.Module:
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    return ResNet(BasicBlock, [1, 1, 1, 1], num_classes=CLASSES)
+
+
+def tv_mobilenet_v3() -> nn.Module:
+    return _tv().mobilenet_v3_small(num_classes=CLASSES, width_mult=0.5)  # type: ignore[no-any-return]
+
+
+def tv_efficientnet() -> nn.Module:
+    from torchvision.models.efficientnet import EfficientNet, _efficientnet_conf
+
+    setting, last = _efficientnet_conf("efficientnet_b0", width_mult=0.25, depth_mult=0.34)
+    return EfficientNet(setting, 0.2, last_channel=last, num_classes=CLASSES)
+
+
+def tv_convnext() -> nn.Module:
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    stages = [CNBlockConfig(16, 32, 1), CNBlockConfig(32, 64, 1), CNBlockConfig(64, None, 1)]
+    return ConvNeXt(stages, num_classes=CLASSES)
+
+
+def tv_regnet() -> nn.Module:
+    from torchvision.models.regnet import BlockParams, RegNet
+
+    return RegNet(BlockParams.from_init_params(depth=4, w_0=16, w_a=8.0, w_m=2.0, group_width=8),
+                  num_classes=CLASSES)
+
+
+def tv_shufflenet() -> nn.Module:
+    return _tv().shufflenet_v2_x0_5(num_classes=CLASSES)  # type: ignore[no-any-return]
+
+
+def tv_vit() -> nn.Module:
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(image_size=IMAGE, patch_size=8, num_layers=2, num_heads=4,
+                             hidden_dim=32, mlp_dim=64, num_classes=CLASSES)
+
+
+def tv_swin() -> nn.Module:
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    return SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[2, 4],
+                           window_size=[4, 4], num_classes=CLASSES)
+
+
+# -- timm ----------------------------------------------------------------------------------------
+def _timm(name: str, **kwargs: Any) -> nn.Module:
+    import timm
+
+    return timm.create_model(name, pretrained=False, num_classes=CLASSES, **kwargs)  # type: ignore[no-any-return]
+
+
+# -- Hugging Face transformers -------------------------------------------------------------------
+def _hf(model: str, config: str, **kwargs: Any) -> nn.Module:
+    import transformers
+
+    cfg = getattr(transformers, config)(num_labels=CLASSES, **kwargs)
+    cfg._attn_implementation = "eager"
+    return getattr(transformers, model)(cfg)  # type: ignore[no-any-return]
+
+
+_VIT = dict(image_size=IMAGE, patch_size=8, hidden_size=32, num_hidden_layers=2,
+            num_attention_heads=4, intermediate_size=64)
+_TEXT = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+             intermediate_size=64, max_position_embeddings=TOKENS + 2)
+
+ARCHS: dict[str, tuple[str, str, Callable[[], nn.Module]]] = {
+    "torchvision resnet": ("torchvision", "image", tv_resnet),
+    "torchvision mobilenet_v3_small": ("torchvision", "image", tv_mobilenet_v3),
+    "torchvision efficientnet_b0": ("torchvision", "image", tv_efficientnet),
+    "torchvision convnext": ("torchvision", "image", tv_convnext),
+    "torchvision regnet": ("torchvision", "image", tv_regnet),
+    "torchvision shufflenet_v2": ("torchvision", "image", tv_shufflenet),
+    "torchvision vit": ("torchvision", "image", tv_vit),
+    "torchvision swin": ("torchvision", "image", tv_swin),
+    "timm resnet10t": ("timm", "image", lambda: _timm("resnet10t")),
+    "timm mobilenetv3_small_050": ("timm", "image", lambda: _timm("mobilenetv3_small_050")),
+    "timm tinynet_e": ("timm", "image", lambda: _timm("tinynet_e")),
+    "timm convnext_atto": ("timm", "image", lambda: _timm("convnext_atto")),
+    "timm vit_tiny": ("timm", "image", lambda: _timm(
+        "vit_tiny_patch16_224", img_size=IMAGE, patch_size=8, depth=2)),
+    "HF ViT": ("transformers", "image", lambda: _hf(
+        "ViTForImageClassification", "ViTConfig", **_VIT)),
+    "HF DeiT": ("transformers", "image", lambda: _hf(
+        "DeiTForImageClassification", "DeiTConfig", **_VIT)),
+    "HF ConvNeXt": ("transformers", "image", lambda: _hf(
+        "ConvNextForImageClassification", "ConvNextConfig", image_size=IMAGE,
+        hidden_sizes=[16, 32], depths=[1, 1], num_stages=2)),
+    "HF Swin": ("transformers", "image", lambda: _hf(
+        "SwinForImageClassification", "SwinConfig", image_size=IMAGE, patch_size=4,
+        embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=4)),
+    "HF EfficientNet": ("transformers", "image", lambda: _hf(
+        "EfficientNetForImageClassification", "EfficientNetConfig", image_size=IMAGE,
+        width_coefficient=0.25, depth_coefficient=0.34, hidden_dim=320)),
+    "HF MobileNetV2": ("transformers", "image", lambda: _hf(
+        "MobileNetV2ForImageClassification", "MobileNetV2Config", image_size=IMAGE,
+        depth_multiplier=0.35)),
+    "HF ResNet": ("transformers", "image", lambda: _hf(
+        "ResNetForImageClassification", "ResNetConfig", embedding_size=16,
+        hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1])),
+    "HF BERT": ("transformers", "text", lambda: _hf(
+        "BertForSequenceClassification", "BertConfig", **_TEXT)),
+    "HF DistilBERT": ("transformers", "text", lambda: _hf(
+        "DistilBertForSequenceClassification", "DistilBertConfig", vocab_size=VOCAB, dim=32,
+        n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=TOKENS + 2)),
+    "HF RoBERTa": ("transformers", "text", lambda: _hf(
+        "RobertaForSequenceClassification", "RobertaConfig", pad_token_id=0, **_TEXT)),
+    "torch TransformerEncoder": ("torch", "text", TorchEncoder),
+    "torch MLP": ("torch", "image", Mlp),
+}
+
+
+NOT_CNN = {"torchvision vit", "torchvision swin", "timm vit_tiny", "HF ViT", "HF DeiT", "HF Swin",
+           "HF BERT", "HF DistilBERT", "HF RoBERTa", "torch TransformerEncoder", "torch MLP"}
+"""Transformers and MLPs: their INT8 coverage floor is 0.90; a CNN's is 0.95."""
+
+
+def build(name: str) -> nn.Module:
+    """The zoo architecture `name`, randomly initialised (what `source:` calls)."""
+    return ARCHS[name][2]()
