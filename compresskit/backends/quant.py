@@ -110,7 +110,7 @@ def _nncf() -> Any:
     cores): its own 60 s limit fails QAT on a busy or slow machine."""
     import os
 
-    os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "900")
+    os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "300")
     import nncf
 
     return nncf
