@@ -62,6 +62,73 @@ def export_onnx(model: nn.Module, example: Any, path: Path, opset: int,
             raise ExportError(_explain(e, log.read().decode(errors="replace"), opset)) from None
         finally:
             torch.backends.mha.set_fastpath_enabled(fastpath)
+    whole_window_pools(path)
+
+
+def whole_window_pools(path: Path) -> int:
+    """Rewrite each AveragePool whose window covers its whole (static) input, without padding,
+    as GlobalAveragePool, which computes the same. Hugging Face's EfficientNet pools with
+    `AvgPool2d(hidden_dim, ceil_mode=True)` (count_include_pad on), a window far larger than its
+    feature map. onnxruntime's float AveragePool divides by the cells inside the input, as torch
+    does; its fused QLinearAveragePool divides by the whole window (here 320 x 320), so the INT8
+    file pooled to zeros (onnxruntime 1.32). QLinearGlobalAveragePool is exact. Returns how
+    many were rewritten."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    pools = [n for n in model.graph.node if n.op_type == "AveragePool"]
+    if not pools:
+        return 0
+    dims = _spatial_dims(model, [n.input[0] for n in pools])
+    done = 0
+    for node in pools:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        kernel = list(attrs.get("kernel_shape", []))
+        spatial = dims.get(node.input[0])
+        if (spatial is None or len(node.output) != 1 or len(spatial) != len(kernel)
+                or any(attrs.get("pads", [0]))
+                or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID")
+                or any(d != 1 for d in attrs.get("dilations", [1]))):
+            continue
+        strides = list(attrs.get("strides", [1] * len(kernel)))
+        # One window per axis, starting at 0 and holding every cell: the kernel is the input,
+        # or larger with ceil_mode and no second window (the first one's overhang < stride).
+        ceil = attrs.get("ceil_mode", 0)
+        if not all(k == d or (ceil and d < k < d + s)
+                   for k, d, s in zip(kernel, spatial, strides, strict=True)):
+            continue
+        node.op_type = "GlobalAveragePool"
+        del node.attribute[:]
+        done += 1
+    if done:
+        onnx.save(model, str(path))
+    return done
+
+
+def _spatial_dims(model: Any, names: list[str]) -> dict[str, list[int]]:
+    """The static dimensions after batch and channels of the tensors `names`: by onnx's shape
+    inference, else by onnxruntime's symbolic one (which follows the Cast/Constant chains of a
+    QAT graph's Pad). Best effort: an unknown shape is left out."""
+    from onnx import shape_inference
+
+    def found(inferred: Any) -> dict[str, list[int]]:
+        out = {}
+        for v in [*inferred.graph.input, *inferred.graph.value_info]:
+            dims = v.type.tensor_type.shape.dim[2:]
+            if v.name in names and dims and all(d.HasField("dim_value") for d in dims):
+                out[v.name] = [d.dim_value for d in dims]
+        return out
+
+    shapes: dict[str, list[int]] = {}
+    with contextlib.suppress(Exception):
+        shapes = found(shape_inference.infer_shapes(model))
+    if len(shapes) < len(set(names)):
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        with contextlib.suppress(Exception):
+            shapes = found(SymbolicShapeInference.infer_shapes(model, auto_merge=True))
+    return shapes
 
 
 @contextlib.contextmanager

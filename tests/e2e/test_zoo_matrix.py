@@ -1,7 +1,6 @@
 """The compatibility zoo end to end (benchmarks/zoo_matrix.py): every architecture whose library
 is installed goes through distill -> prune -> lowrank -> qat -> export -> ptq -> benchmark, with
-one distillation epoch. Those listed in KNOWN_FAILURES are the open work of the README's matrix;
-every other one must finish with an INT8 file at or above its coverage floor."""
+one distillation epoch; every one must finish with an INT8 file at or above its coverage floor."""
 
 from __future__ import annotations
 
@@ -13,11 +12,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.append(str(ROOT / "benchmarks"))
-
-KNOWN_FAILURES: dict[str, str] = {
-    "HF EfficientNet": "qat: onnxruntime's optimised graph disagrees with the QDQ graph (README)",
-}
-"""Architecture -> the stage that still fails and why (kept in step with the README)."""
 
 LIBRARY = {"torchvision": "torchvision", "timm": "timm", "transformers": "transformers",
            "torch": "torch"}
@@ -36,8 +30,6 @@ def test_every_zoo_architecture_finishes_the_chain(tmp_path):
         print(f"not installed, skipped: {', '.join(missing)} (pip install -e '.[zoo]')")
     rows = zoo_matrix.main(["--out", str(tmp_path), "--epochs", "1", "--only", *names])
     for row in rows:
-        if row["architecture"] in KNOWN_FAILURES:
-            continue
         assert all(row["stages"][t] == "done" for t in zoo_matrix.STAGES), row
         floor = 0.95 if row["kind"] == "cnn" else 0.9
         assert row["int8_coverage"] >= floor, row

@@ -69,3 +69,70 @@ def test_untraceable_model_is_a_stage_error(tmp_path):
                        ) as info:
         export_onnx(Untraceable(), torch.ones(2, 1, 8, 8), tmp_path / "m.onnx", opset=17)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(("kernel", "size", "ceil", "whole"), [
+    (20, 3, True, True),  # Hugging Face EfficientNet's pooler: window larger than the map
+    (4, 4, False, True),  # AvgPool2d(7) on a 7 x 7 map
+    (2, 4, False, False),  # a real pooling: stays
+])
+def test_whole_window_average_pools_become_global(tmp_path, kernel, size, ceil, whole):
+    """With count_include_pad, onnxruntime's QLinearAveragePool divided a window larger than
+    its input by the whole window, and HF EfficientNet's INT8 file pooled to zeros."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from compresskit.backends.onnx_export import export_onnx
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1),
+                              torch.nn.AvgPool2d(kernel, ceil_mode=ceil, count_include_pad=True))
+    x = torch.randn(2, 3, size, size)
+    path = tmp_path / "pool.onnx"
+    export_onnx(net, x, path, 17)
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ("GlobalAveragePool" in ops) == whole and ("AveragePool" in ops) != whole, ops
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose(got, net(x).detach().numpy(), atol=1e-5)
+
+
+def test_whole_window_pool_in_a_qdq_graph_runs_as_the_graph_says(tmp_path):
+    """The same rewrite in a QDQ graph whose Pad sizes come from Cast/Constant chains (onnx's
+    shape inference loses the spatial size there; onnxruntime's symbolic one does not): the
+    fused integer kernels then compute what the graph says."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto as T
+    from onnx import helper as h
+
+    from compresskit.backends.onnx_export import whole_window_pools
+
+    c, size = 16, 2
+    init = [h.make_tensor("s", T.FLOAT, [], [0.02]), h.make_tensor("z", T.UINT8, [], [128]),
+            h.make_tensor("p", T.INT32, [8], [0, 0, 0, 0, 0, 0, 0, 0])]
+    nodes = [h.make_node("Cast", ["p"], ["pads"], to=T.INT64),
+             h.make_node("Pad", ["x", "pads"], ["padded"]),
+             h.make_node("QuantizeLinear", ["padded", "s", "z"], ["q"]),
+             h.make_node("DequantizeLinear", ["q", "s", "z"], ["d"]),
+             h.make_node("AveragePool", ["d"], ["pooled"], kernel_shape=[32, 32],
+                         strides=[32, 32], ceil_mode=1, count_include_pad=1),
+             h.make_node("QuantizeLinear", ["pooled", "s", "z"], ["q2"]),
+             h.make_node("DequantizeLinear", ["q2", "s", "z"], ["y"])]
+    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, ["n", c, 2, 2])],
+                         [h.make_tensor_value_info("y", T.FLOAT, None)], init)
+    path = tmp_path / "qdq.onnx"
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), str(path))
+    assert whole_window_pools(path) == 1
+    x = np.random.default_rng(0).random((3, c, size, size), dtype=np.float32)
+    out = []
+    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+                  ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = level
+        out.append(ort.InferenceSession(str(path), options, providers=[
+            "CPUExecutionProvider"]).run(None, {"x": x})[0])
+    np.testing.assert_allclose(out[1], out[0], atol=0.021)  # one quantization step
+    np.testing.assert_allclose(out[0].reshape(3, c), x.mean(axis=(2, 3)), atol=0.021)

@@ -192,6 +192,17 @@ def _hf(model: str, config: str, **kwargs: Any) -> nn.Module:
     return getattr(transformers, model)(cfg)  # type: ignore[no-any-return]
 
 
+def _torch_init(model: nn.Module) -> nn.Module:
+    """torch's own initialisation of convs, linears and norms. HF's EfficientNet draws every
+    conv *and BatchNorm* weight from N(0, 0.02): each block then shrinks its input ~100x, and a
+    randomly initialised network's output does not depend on its input at all (pretrained
+    weights, what users load, are healthy). The zoo wants a network that can learn."""
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)):
+            module.reset_parameters()
+    return model
+
+
 _VIT = dict(image_size=IMAGE, patch_size=8, hidden_size=32, num_hidden_layers=2,
             num_attention_heads=4, intermediate_size=64)
 _TEXT = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -222,9 +233,9 @@ ARCHS: dict[str, tuple[str, str, Callable[[], nn.Module]]] = {
     "HF Swin": ("transformers", "image", lambda: _hf(
         "SwinForImageClassification", "SwinConfig", image_size=IMAGE, patch_size=4,
         embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=4)),
-    "HF EfficientNet": ("transformers", "image", lambda: _hf(
+    "HF EfficientNet": ("transformers", "image", lambda: _torch_init(_hf(
         "EfficientNetForImageClassification", "EfficientNetConfig", image_size=IMAGE,
-        width_coefficient=0.25, depth_coefficient=0.34, hidden_dim=320)),
+        width_coefficient=0.25, depth_coefficient=0.34, hidden_dim=320))),
     "HF MobileNetV2": ("transformers", "image", lambda: _hf(
         "MobileNetV2ForImageClassification", "MobileNetV2Config", image_size=IMAGE,
         depth_multiplier=0.35)),
