@@ -206,7 +206,7 @@ class Runner:
                 # Other ranks take only the structure: rank 0 broadcasts weights before use.
                 self._adopt(manifest, weights=main)
                 self.console.print(f"[dim]{name}: cached[/dim]")
-            elif not stage_cfg.changes_model and not main:
+            elif not stage_cfg.every_rank and not main:
                 dist.barrier()  # export, benchmark: rank 0's work, with rank 0's files
                 continue
             else:
@@ -246,7 +246,7 @@ class Runner:
         self.console.print(f"[bold]{name}[/bold]: running")
         start = time.perf_counter()
         work = self._work_dir(name, stage_hash) if main else Path(tempfile.mkdtemp())
-        if stage_cfg.changes_model:  # same weights on every rank before training
+        if stage_cfg.every_rank:  # same weights on every rank before training
             for role in stage_cfg.models_needed:
                 dist.broadcast_module(self._model(role))
         ctx = StageContext(
@@ -256,7 +256,7 @@ class Runner:
             _data=self._data, _model=self._model, _structure=self._structure_of)
         try:
             torch.manual_seed(ctx.seed)
-            with contextlib.nullcontext() if stage_cfg.changes_model else dist.alone():
+            with contextlib.nullcontext() if stage_cfg.every_rank else dist.alone():
                 result = STAGES.get(stage_cfg.type)(stage_cfg, ctx)
             if main:
                 manifest = self._commit(index, name, stage_cfg.type, stage_hash, work,
@@ -267,7 +267,7 @@ class Runner:
                 self._structure.update(result.structure)
                 manifest = {"updated": sorted(result.updated), "seconds": 0.0}
                 shutil.rmtree(work, ignore_errors=True)
-            if not stage_cfg.changes_model:
+            if not stage_cfg.every_rank:
                 dist.barrier()
             return manifest
         except BaseException as e:

@@ -176,6 +176,15 @@ class StageBase(Strict):
     """Whether the stage reads files written by earlier stages (so it reruns when they change)."""
     quantizes: ClassVar[bool] = False
     """A stage that quantizes the model as it stands; nothing may change the model after it."""
+    trains: ClassVar[bool] = False
+    """A stage that trains without changing the pipeline's models (qat trains a quantized
+    copy): under torchrun it runs on every rank, like the stages that change the model."""
+
+    @property
+    def every_rank(self) -> bool:
+        """Under torchrun: runs on every rank (training under DistributedDataParallel), or on
+        rank 0 alone while the others wait (export, ptq, benchmark)."""
+        return self.changes_model or self.trains
 
     @property
     def models_needed(self) -> tuple[str, ...]:

@@ -220,6 +220,7 @@ class QatConfig(Int8Options, OptimOptions, TeacherCacheOptions):
 
     type: Literal["qat"]
     quantizes: ClassVar[bool] = True
+    trains: ClassVar[bool] = True
 
     model: ModelRole = Field(
         "student",

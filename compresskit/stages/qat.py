@@ -5,6 +5,9 @@ QLinearConv; NNCF inserts and calibrates fake quantizers; our training loop fine
 KD loss; `nncf.strip` leaves torch fake-quantize ops that the TorchScript exporter writes as
 QuantizeLinear/DequantizeLinear pairs; the weights are then stored as int8. The FP32 student is
 not changed: `export` still writes it, and the benchmark compares the two files.
+
+Under torchrun every rank quantizes and trains (DistributedDataParallel starts them from rank
+0's quantizers and averages gradients); rank 0 alone exports, checks and writes the file.
 """
 
 from __future__ import annotations
@@ -12,10 +15,12 @@ from __future__ import annotations
 import copy
 import difflib
 import fnmatch
+from typing import Any
 
 import numpy as np
 import torch
 
+from compresskit import distributed as dist
 from compresskit import inputs, measure, quality
 from compresskit.backends import quant
 from compresskit.backends.onnx_export import ExportError, export_onnx
@@ -38,19 +43,8 @@ from compresskit.stages.shrink import fine_tune
 def run(cfg: QatConfig, ctx: StageContext) -> StageResult:
     x, y = measure.eval_arrays(ctx)
     student = copy.deepcopy(ctx.model(cfg.model)).cpu().eval()
-    work = ctx.work_dir
-    fp32_path = work / f"{cfg.model}.fp32.onnx"
-    try:
-        fp32 = measure.profile(student, fp32_path, x, y, cfg.opset, task=ctx.config.task,
-                               specs=ctx.config.inputs)
-    except ExportError as e:
-        raise StageError(ctx.name, f"the FP32 {cfg.model} cannot be exported: {e}") from None
-    names = [n for n, _ in student.named_modules() if n]
-    for pattern in cfg.ignore:
-        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-            close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.4)
-            ctx.log(f"[yellow]warning:[/yellow] ignore pattern '{pattern}' matches no module"
-                    + (f"; closest module names: {', '.join(close)}" if close else ""))
+    if dist.is_main():
+        _warn_unmatched(cfg.ignore, [n for n, _ in student.named_modules() if n], ctx)
     folded = quant.fold_batchnorm(student, inputs.apply(inputs.take(x, slice(0, 8)),
                                                         torch.from_numpy))
     batches = calibration(ctx, cfg.calibration_samples)
@@ -63,6 +57,33 @@ def run(cfg: QatConfig, ctx: StageContext) -> StageResult:
     teacher = ctx.model("teacher") if cfg.distill else None
     loss = fine_tune(ctx, model, cfg.options(cfg.epochs), teacher, cfg, cfg.model, cfg.model,
                      hint="; QAT wants a small lr (1e-4)") if cfg.epochs else None
+    if not dist.is_main():  # the other ranks' part ends with the training
+        return StageResult(metrics={})
+    ranks = dist.world_size()
+    with dist.alone():
+        result = _write(cfg, ctx, model, x, y, folded, batches, loss)
+    result.metrics["trained_on_ranks"] = ranks
+    return result
+
+
+def _warn_unmatched(patterns: list[str], names: list[str], ctx: StageContext) -> None:
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.4)
+            ctx.log(f"[yellow]warning:[/yellow] ignore pattern '{pattern}' matches no module"
+                    + (f"; closest module names: {', '.join(close)}" if close else ""))
+
+
+def _write(cfg: QatConfig, ctx: StageContext, model: torch.nn.Module, x: Any, y: Any,
+           folded: list[str], batches: list[torch.Tensor], loss: float | None) -> StageResult:
+    """Rank 0: the FP32 file to compare with, the INT8 file, its checks, and publishing it."""
+    work = ctx.work_dir
+    fp32_path = work / f"{cfg.model}.fp32.onnx"
+    try:
+        fp32 = measure.profile(copy.deepcopy(ctx.model(cfg.model)).cpu().eval(), fp32_path,
+                               x, y, cfg.opset, task=ctx.config.task, specs=ctx.config.inputs)
+    except ExportError as e:
+        raise StageError(ctx.name, f"the FP32 {cfg.model} cannot be exported: {e}") from None
     model.cpu().eval()
     example = example_input(ctx.config.inputs, batch=2)
     stripped = quant.strip(model, example)

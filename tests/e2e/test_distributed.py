@@ -113,3 +113,20 @@ def test_nccl_on_gpu(tiny_pipeline, tmp_path):  # pragma: no cover - no GPU on C
     result = run([str(tiny_pipeline), "device=cuda", "--nproc", str(max(1, min(2, n))),
                   "-o", str(tmp_path / "gpu")], tmp_path)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.slow
+def test_qat_trains_on_every_rank_and_rank_0_writes_the_file(write_pipeline, tmp_path):
+    """QAT's fine-tuning runs under DistributedDataParallel on both ranks (the replica check at
+    the end of training holds); one INT8 file, written by rank 0."""
+    qat = "  - {type: qat, epochs: 1, lr: 0.0001, calibration_samples: 64}\n"
+    path = write_pipeline(TINY.replace("  - {type: export}\n", qat + "  - {type: export}\n"))
+    result = run([str(path), "--nproc", "2", "-o", str(tmp_path / "ddp")], tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "ddp" / "report.json").read_text())
+    stage = next(s for s in report["stages"] if s["type"] == "qat")
+    assert stage["status"] == "done" and stage["metrics"]["trained_on_ranks"] == 2
+    assert stage["metrics"]["int8_coverage"] >= 0.95
+    assert sorted(p.name for p in (tmp_path / "ddp" / "artifacts").glob("*.int8.onnx")) == [
+        "student.qat.int8.onnx"]
+    assert result.stderr.count("02-qat: running") == 1
