@@ -46,6 +46,10 @@ def archs() -> Any:
     return sys.modules["compresskit_zoo_archs"]
 
 
+STAGE_BUDGET = 180.0
+"""Seconds any stage may take on any zoo model ("a few minutes"), reported against."""
+
+
 def _data(task: str, samples: tuple[int, int]) -> dict[str, Any]:
     return {**TEACHERS[task][1], "batch_size": 32,
             "kwargs": {"n_train": samples[0], "n_test": samples[1]}}
@@ -58,23 +62,23 @@ def _pipeline(name: str, task: str, teacher: Path, epochs: int,
     if archs().ARCHS[name][0] == "transformers":
         student["output"] = {"key": "logits"}
     fast = {"latency_runs": 10}
+    stages: list[dict[str, Any]] = [
+        {"type": "distill", "epochs": epochs, "lr": 0.003},
+        {"type": "prune", "ratio": 0.25, "recover": 1, "lr": 0.001, "trace_seconds": 60, **fast},
+        {"type": "lowrank", "rank_ratio": 0.5, "recover": 1, "lr": 0.001, "min_reduction": 0.1,
+         **fast},
+        {"type": "qat", "epochs": 1, "lr": 0.0001, "calibration_samples": 64},
+        {"type": "export", "models": ["student"], "bundle": False},
+        {"type": "ptq", "calibration_samples": 64},
+        {"type": "benchmark", "runs": 20, "warmup": 3, "memory": False},
+    ]
     return {
         "name": name.replace(" ", "-"), "seed": 0,
         "data": _data(task, samples),
         "input": inputs,
         "teacher": {"source": f"archs.py:{cls}", "checkpoint": str(teacher)},
         "student": student,
-        "stages": [
-            {"type": "distill", "epochs": epochs, "lr": 0.003},
-            {"type": "prune", "ratio": 0.25, "recover": 1, "lr": 0.001, "trace_seconds": 60,
-             **fast},
-            {"type": "lowrank", "rank_ratio": 0.5, "recover": 1, "lr": 0.001,
-             "min_reduction": 0.1, **fast},
-            {"type": "qat", "epochs": 1, "lr": 0.0001, "calibration_samples": 64},
-            {"type": "export", "models": ["student"], "bundle": False},
-            {"type": "ptq", "calibration_samples": 64},
-            {"type": "benchmark", "runs": 20, "warmup": 3, "memory": False},
-        ],
+        "stages": [{**stage, "time_budget": STAGE_BUDGET} for stage in stages],
     }
 
 
@@ -122,6 +126,7 @@ def run_one(name: str, out: Path, teacher_paths: dict[str, Path], epochs: int,
     for s in stages:
         row["stages"][s["type"]] = s["status"]
         row["seconds"][s["type"]] = s["seconds"]
+    row["over_budget"] = [s["type"] for s in stages if s.get("over_budget")]
     for t in STAGES:
         if t not in row["stages"]:
             row["stages"][t] = "not reached"
@@ -158,7 +163,7 @@ def _read(path: Path) -> dict[str, Any] | None:
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     head = ["architecture", *STAGES, "INT8 coverage", "FP32 acc", "QAT INT8 acc",
-            "PTQ INT8 acc", "INT8/FP32 ms"]
+            "PTQ INT8 acc", "INT8/FP32 ms", "slowest stage"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     mark = {"done": "done", "cached": "done", "failed": "**failed**", "not reached": "-"}
 
@@ -170,10 +175,18 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             r["architecture"], *(mark.get(r["stages"][t], r["stages"][t]) for t in STAGES),
             num(r.get("int8_coverage"), ".3f"), num(r.get("fp32_accuracy"), ".3f"),
             num(r.get("int8_accuracy"), ".3f"), num(r.get("ptq_accuracy"), ".3f"),
-            num(r.get("int8_latency_ratio"), ".2f")])
+            num(r.get("int8_latency_ratio"), ".2f"), _slowest(r)])
             + " |")
     failures = [f"- {r['architecture']}: {r['error']}" for r in rows if r.get("error")]
     return "\n".join(lines + ([""] + failures if failures else []))
+
+
+def _slowest(row: dict[str, Any]) -> str:
+    if not row["seconds"]:
+        return "-"
+    stage = max(row["seconds"], key=row["seconds"].get)
+    over = " (over budget)" if row.get("over_budget") else ""
+    return f"{stage} {row['seconds'][stage]:.0f} s{over}"
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:

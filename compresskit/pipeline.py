@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from compresskit.data import Splits
 
 STAGE_DIR = re.compile(r"^\d{2}-[a-z]+$")
-NOT_HASHED = {"checkpoint_every", "cache_teacher"}
+NOT_HASHED = {"checkpoint_every", "cache_teacher", "time_budget"}
 """Stage keys that change how a stage runs, never what it produces (cached teacher outputs at
 float32 are the teacher's outputs; cache_precision does change them, so it is hashed)."""
 PARTIAL = ".partial"
@@ -114,6 +114,7 @@ class StageRecord:
     status: str
     seconds: float
     manifest: dict[str, Any] = field(default_factory=dict)
+    time_budget: float | None = None
 
 
 class Runner:
@@ -215,8 +216,12 @@ class Runner:
             artifacts += manifest.get("artifacts", [])
             self._advance(manifest, stage_hash, versions, artifact_writers)
             seconds = 0.0 if status == "cached" else manifest["seconds"]
+            budget = stage_cfg.time_budget
+            if status == "done" and budget is not None and seconds > budget:
+                self.console.print(f"[yellow]warning:[/yellow] {name} took {seconds:.1f} s, "
+                                   f"over its time_budget of {budget:g} s")
             self.records.append(StageRecord(index, stage_cfg.type, name, status, seconds,
-                                            manifest))
+                                            manifest, budget))
         return self.records
 
     def _version(self, role: str, versions: dict[str, str]) -> str:
@@ -274,7 +279,8 @@ class Runner:
             # The work folder stays: its resume checkpoints let the next run continue this
             # stage (only with the same hash). It holds no manifest, so nothing in it counts.
             self.records.append(StageRecord(index, stage_cfg.type, name, "failed",
-                                            time.perf_counter() - start))
+                                            time.perf_counter() - start,
+                                            time_budget=stage_cfg.time_budget))
             if isinstance(e, DiskFullError):
                 raise StageError(name, f"{e.strerror}; free some space and run again: "
                                        "finished stages are kept") from None

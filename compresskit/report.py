@@ -17,10 +17,14 @@ def build(name: str, records: list[Any], seconds: float, pipeline: str,
     stages, artifacts, benchmarks = [], [], []
     for r in records:
         m = r.manifest
+        budget = getattr(r, "time_budget", None)
+        took = m.get("seconds", r.seconds)  # what computing the stage took, cached or not
         stages.append({
             "index": r.index, "type": r.type, "name": r.name, "status": r.status,
             "seconds": r.seconds,
             "computed_seconds": m.get("seconds"),
+            "time_budget": budget,
+            "over_budget": None if budget is None else bool(took > budget),
             "params": m.get("params"), "metrics": m.get("metrics", {}),
         })
         artifacts += m.get("artifacts", [])
@@ -31,6 +35,19 @@ def build(name: str, records: list[Any], seconds: float, pipeline: str,
         "task": task, "metric": quality.primary(task),
         "stages": stages, "artifacts": artifacts, "benchmarks": benchmarks,
     }
+
+
+def _seconds(stage: dict[str, Any]) -> str:
+    """'12.3', or against a time budget: '12.3 of 60' and, over it, 'OVER: 95.2 of 60'."""
+    shown = _fmt(stage["seconds"], 1)
+    budget = stage.get("time_budget")
+    if budget is None:
+        return shown
+    took = stage.get("computed_seconds") or stage["seconds"]
+    text = f"{_fmt(took, 1)} of {budget:g}"
+    if stage["status"] == "cached":
+        text = f"{shown} (cached; {text})"
+    return f"OVER: {text}" if stage.get("over_budget") else text
 
 
 def _fmt(v: Any, digits: int = 4) -> str:
@@ -215,12 +232,15 @@ def sections(report: dict[str, Any]) -> list[Section]:
     k, label = _metric(report), _label(report)
     out = [Section("Stages", ["stage", "status", "seconds", "params", "MACs", "ONNX KiB",
                               "batch-1 p50, 1 thread", label], [
-        [f"{s['index']:02d}-{s['type']}", s["status"], _fmt(s["seconds"], 1), _fmt(s["params"]),
+        [f"{s['index']:02d}-{s['type']}", s["status"], _seconds(s), _fmt(s["params"]),
          *_measured(s["metrics"]), _fmt(s["metrics"].get(k))]
         for s in report["stages"]],
         ["MACs, size and latency of each stage's result, measured on an ONNX export of it "
          "(FP32; for qat and ptq the INT8 file) with onnxruntime, batch 1, one thread; "
-         "per-target figures of the final files are in the tables below."])]
+         "per-target figures of the final files are in the tables below.",
+         *(["Seconds: this invocation's (0 when cached); 'of N' is the stage's time_budget, "
+            "against the time computing it took."]
+           if any(s.get("time_budget") for s in report["stages"]) else [])])]
     teacher_rows = distill_rows(report)
     if teacher_rows:
         sweeps = [f"Temperature sweep ({s['name']}): validation accuracy " + ", ".join(

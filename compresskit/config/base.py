@@ -176,6 +176,12 @@ class StageBase(Strict):
     """Whether the stage reads files written by earlier stages (so it reruns when they change)."""
     quantizes: ClassVar[bool] = False
     """A stage that quantizes the model as it stands; nothing may change the model after it."""
+    time_budget: float | None = Field(
+        None, gt=0,
+        description="Seconds the stage should take at most. A stage over it still finishes "
+        "(stopping mid-training would throw the work away); the terminal and the report say "
+        "it ran over. prune's tracing has its own hard limit, trace_seconds.")
+
     trains: ClassVar[bool] = False
     """A stage that trains without changing the pipeline's models (qat trains a quantized
     copy): under torchrun it runs on every rank, like the stages that change the model."""

@@ -65,6 +65,24 @@ def test_second_run_is_all_cached(first_run):
     assert stamps and {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
 
+def test_time_budgets_are_reported_against_and_change_no_result(first_run):
+    """A budget is not part of a stage's hash: the cached stages are reported against theirs;
+    a stage that runs over its budget finishes and is flagged."""
+    tmp, _ = first_run
+    run = tmp / "runs" / "tiny"
+    result = cli("run", "pipe.yaml", "stages.1.time_budget=0.001", "stages.2.time_budget=3600",
+                 "stages.3.time_budget=0.001", "stages.3.runs=11", cwd=tmp)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((run / "report.json").read_text())
+    assert [s["status"] for s in report["stages"]] == ["cached"] * 3 + ["done"]
+    assert [s["over_budget"] for s in report["stages"]] == [None, True, False, True]
+    assert "03-benchmark took" in result.stderr and "over its time_budget of 0.001 s" in \
+        result.stderr
+    assert "01-distill took" not in result.stderr  # cached: nothing ran over now
+    md = (run / "report.md").read_text()
+    assert "OVER: " in md and " of 3600" in md
+
+
 def test_changing_stage_k_reruns_k_and_later_only(first_run):
     tmp, _ = first_run
     run = tmp / "runs" / "tiny"

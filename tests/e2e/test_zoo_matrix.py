@@ -31,6 +31,7 @@ def test_every_zoo_architecture_finishes_the_chain(tmp_path):
     rows = zoo_matrix.main(["--out", str(tmp_path), "--epochs", "1", "--only", *names])
     for row in rows:
         assert all(row["stages"][t] == "done" for t in zoo_matrix.STAGES), row
+        assert not row["over_budget"], row["seconds"]  # 180 s a stage
         floor = 0.95 if row["kind"] == "cnn" else 0.9
         assert row["int8_coverage"] >= floor, row
         assert (tmp_path / "matrix.md").is_file()
