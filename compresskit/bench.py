@@ -37,7 +37,10 @@ class Settings:
 def measure(files: dict[str, Path], target: Target, settings: Settings,
             feeds_for: Callable[[Any, int], Feeds], work: Path) -> list[dict[str, Any]]:
     """One row per file and batch size. `feeds_for(session, batch_size)` gives the inputs.
-    Raises ort.TargetUnavailable, ort.ModelFileError or ort.FeedError for what cannot run."""
+    Raises ort.TargetUnavailable, ort.ModelFileError or ort.FeedError for what cannot run,
+    and remote.RemoteError for a device that cannot be reached or cannot measure."""
+    if target.remote is not None:
+        return measure_remote(files, target, settings, feeds_for, work)[0]
     from compresskit.backends import ort as backend
 
     ok, why = backend.available(target)
@@ -58,31 +61,109 @@ def measure(files: dict[str, Path], target: Target, settings: Settings,
                 path, target, threads, feeds[label][settings.batch_sizes[0]])
             for bs in settings.batch_sizes[1:]:
                 backend.run_once(sessions[label], feeds[label][bs])
-        first = next(iter(files))
         for bs in settings.batch_sizes:
             times = backend.time_interleaved(sessions, {k: f[bs] for k, f in feeds.items()},
                                              settings.runs, settings.warmup, settings.seconds)
             for label, path in paths.items():
-                stats = summarize(times[label])
-                rows.append({
-                    "artifact": label, "target": target.name, "batch_size": bs,
-                    "threads": threads, "runs": len(times[label]),
-                    "format": "ort" if path.suffix == ".ort" else "onnx",
-                    "file_bytes": path.stat().st_size,
-                    "latency_ms": stats,
-                    "throughput_per_s": bs * 1000.0 / stats["mean"],
-                    "cold_start": cold[label],
-                    "peak_rss_mb": round(backend.peak_rss_mb(path, target, threads,
-                                                             feeds[label][bs]), 2)
-                    if settings.memory else None,
-                    "speedup_vs": first,
-                    "speedup": median_ratio(times[first], times[label]),
-                })
+                peak = backend.peak_rss_mb(path, target, threads, feeds[label][bs]) \
+                    if settings.memory else None
+                rows.append(_row(label, target, bs, threads, path, path.stat().st_size,
+                                 times, cold[label], peak))
     return rows
+
+
+def _row(label: str, target: Target, bs: int, threads: int, path: Path, size: int,
+         times: dict[str, list[float]], cold: dict[str, float],
+         peak: float | None) -> dict[str, Any]:
+    """One measured row: statistics of the raw per-run timings, compared with the first file
+    of the same interleaved rounds."""
+    stats = summarize(times[label])
+    first = next(iter(times))
+    return {
+        "artifact": label, "target": target.name, "batch_size": bs, "threads": threads,
+        "runs": len(times[label]), "format": "ort" if path.suffix == ".ort" else "onnx",
+        "file_bytes": size, "latency_ms": stats,
+        "throughput_per_s": bs * 1000.0 / stats["mean"], "cold_start": cold,
+        "peak_rss_mb": None if peak is None else round(peak, 2),
+        "speedup_vs": first, "speedup": median_ratio(times[first], times[label]),
+    }
+
+
+def measure_remote(files: dict[str, Path], target: Target, settings: Settings,
+                   feeds_for: Callable[[Any, int], Feeds], work: Path, eval_x: Any = None,
+                   eval_batch_size: int = 256) -> tuple[list[dict[str, Any]],
+                                                        dict[str, Any]]:
+    """The same protocol on the target's device (backends/remote.py): inputs made here from
+    each file's input signature, timed there; rows carry the device's description. With
+    `eval_x`, also each file's outputs on it as the device computes them."""
+    from compresskit.backends import ort as backend
+    from compresskit.backends import remote
+    from compresskit.targets import TARGETS
+
+    assert target.remote is not None
+    paths = {k: backend.to_ort_format(p, work) if target.ort_format else p
+             for k, p in files.items()}
+    feeds = {}
+    for label, path in files.items():
+        probe = backend.session(path, TARGETS.get("cpu"), 1)  # input names and shapes only
+        feeds[label] = {bs: feeds_for(probe, bs) for bs in settings.batch_sizes}
+        del probe
+    answer = remote.measure(
+        target.remote, target.name, paths, {**target.to_json(), "remote": None},
+        settings.threads or target.threads, settings.batch_sizes, settings.runs,
+        settings.warmup, settings.seconds, settings.memory, feeds, eval_x, eval_batch_size)
+    rows = []
+    for bs in settings.batch_sizes:
+        measured = [r for r in answer["rows"] if r["batch_size"] == bs]
+        times = {r["artifact"]: r["times_ms"] for r in measured}
+        for r in measured:
+            rows.append({**_row(r["artifact"], target, bs, r["threads"], paths[r["artifact"]],
+                                r["file_bytes"], times, r["cold_start"], r["peak_rss_mb"]),
+                         "device": answer["device"]})
+    return rows, answer["predictions"]
 
 
 class BenchInputError(Exception):
     """Something `compresskit bench` was given that cannot be measured; one line says why."""
+
+
+class DeviceError(Exception):
+    """Remote targets could not measure; `rows` holds what the other targets measured."""
+
+    def __init__(self, message: str, rows: list[dict[str, Any]]):
+        super().__init__(message)
+        self.rows = rows
+
+
+def load_targets(path: Path) -> dict[str, Any]:
+    """Targets defined in a YAML file, under `targets:` as in a pipeline file (a pipeline file
+    itself works): name -> TargetConfig."""
+    import yaml
+    from pydantic import ValidationError
+
+    from compresskit.config import TargetConfig
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise BenchInputError(f"--targets-file {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise BenchInputError(f"--targets-file {path} is not valid YAML: "
+                              f"{str(e).splitlines()[0]}") from None
+    section = data.get("targets") if isinstance(data, dict) else None
+    if not isinstance(section, dict) or not section:
+        raise BenchInputError(f"--targets-file {path} has no 'targets:' mapping; write "
+                              "targets: {pi: {ssh: user@host}}")
+    out = {}
+    for name, spec in section.items():
+        try:
+            out[str(name)] = TargetConfig.model_validate(spec or {})
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise BenchInputError(f"--targets-file {path}: targets.{name}"
+                                  f"{'.' + where if where else ''}: {first['msg']}") from None
+    return out
 
 
 def parse_shapes(specs: list[str]) -> dict[str, list[int]]:
@@ -107,6 +188,7 @@ def run_files(files: list[Path], targets: list[Target], settings: Settings,
     import tempfile
 
     from compresskit.backends import ort as backend
+    from compresskit.backends import remote
 
     for f in files:
         if not f.is_file():
@@ -125,6 +207,7 @@ def run_files(files: list[Path], targets: list[Target], settings: Settings,
         return backend.synthetic_feeds(sess, bs, named)
 
     rows: list[dict[str, Any]] = []
+    failed: list[str] = []
     with tempfile.TemporaryDirectory() as work:
         for target in targets:
             try:
@@ -133,7 +216,18 @@ def run_files(files: list[Path], targets: list[Target], settings: Settings,
                 raise BenchInputError(f"target {target.name} is unavailable here: {e}") from None
             except (backend.ModelFileError, backend.FeedError) as e:
                 raise BenchInputError(str(e)) from None
+            except remote.RemoteError as e:  # the other targets still measure
+                failed.append(str(e))
+    if failed:
+        raise DeviceError("; ".join(failed), rows)
     return rows
+
+
+def describe_device(device: dict[str, Any]) -> str:
+    """One line on what a remote measurement ran on."""
+    from compresskit.report import device_line
+
+    return f"device: {device_line(device)}"
 
 
 def table(rows: list[dict[str, Any]]) -> Any:

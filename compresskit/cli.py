@@ -194,21 +194,33 @@ def bench(
     memory: bool = typer.Option(True, "--memory/--no-memory",
                                 help="Peak RSS per file in a fresh process."),
     json_file: Path = typer.Option(None, "--json", help="Also write the rows to this file."),
+    targets_file: Path = typer.Option(
+        None, "--targets-file",
+        help="YAML with a 'targets:' mapping (as in a pipeline file) defining targets of your "
+             "own, e.g. a device over ssh."),
 ) -> None:
     """Time ONNX files with onnxruntime on a target: cold start, p50/p90/p95/p99, throughput,
-    peak memory."""
+    peak memory. A target defined with ssh: or command: is measured on that device."""
     from compresskit import bench as bench_mod
     from compresskit.registry import did_you_mean
-    from compresskit.targets import TARGETS
+    from compresskit.targets import TARGETS, resolve
 
     if any(b < 1 for b in batch_size):
         _bad_input(f"--batch-size must be at least 1, got {min(batch_size)}")
     if runs < 1 or warmup < 0 or threads < 0 or seconds < 0:
         _bad_input("--runs must be at least 1, and --warmup, --threads, --seconds not negative")
+    defined: dict[str, Any] = {}
+    if targets_file is not None:
+        try:
+            defined = bench_mod.load_targets(targets_file)
+        except bench_mod.BenchInputError as e:
+            _bad_input(str(e))
+    known = [*defined, *(t for t in TARGETS if t not in defined)]
     for name in target:
-        if name not in TARGETS:
-            _bad_input(f"unknown target '{name}'{did_you_mean(name, list(TARGETS))}; known: "
-                       f"{', '.join(TARGETS)}")
+        if name not in known:
+            _bad_input(f"unknown target '{name}'{did_you_mean(name, known)}; known: "
+                       f"{', '.join(known)}" + ("" if defined else
+                                                "; define your own with --targets-file"))
     try:
         shapes = bench_mod.parse_shapes(input_shape)
     except ValueError as e:
@@ -216,15 +228,28 @@ def bench(
     settings = bench_mod.Settings(batch_sizes=tuple(dict.fromkeys(batch_size)),
                                   threads=threads or None, warmup=warmup, runs=runs,
                                   seconds=seconds or None, memory=memory)
+    failure = None
     try:
-        rows = bench_mod.run_files(models, [TARGETS.get(t) for t in target], settings, shapes)
+        rows = bench_mod.run_files(models, [resolve(t, defined) for t in target], settings,
+                                   shapes)
     except bench_mod.BenchInputError as e:
         _bad_input(str(e))
-    out.print(bench_mod.table(rows))
-    if json_file is not None:
+    except bench_mod.DeviceError as e:  # keep what the other targets measured
+        rows, failure = e.rows, str(e)
+    if rows:
+        out.print(bench_mod.table(rows))
+        for device in {json.dumps(r["device"], sort_keys=True): r["device"]
+                       for r in rows if r.get("device")}.values():
+            out.print(bench_mod.describe_device(device))
+    if json_file is not None and rows:
         json_file.write_text(json.dumps({"compresskit_version": __version__,
                                          "benchmarks": rows}, indent=2) + "\n")
         out.print(f"wrote {json_file}")
+    if failure is not None:
+        from rich.markup import escape
+
+        err.print(f"[red]error:[/red] {escape(failure)}", markup=True)
+        raise typer.Exit(EXIT_STAGE_FAILED)
 
 
 @app.command()

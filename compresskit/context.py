@@ -27,6 +27,9 @@ class StageResult:
     'edits': every structural edit since (compresskit.structure)}."""
     artifacts: list[dict[str, Any]] = field(default_factory=list)
     benchmarks: list[dict[str, Any]] = field(default_factory=list)
+    incomplete: str | None = None
+    """Why the stage kept what it could but must run again next time (a device that could not
+    be reached): its manifest is written, never taken from the cache."""
 
 
 @dataclass

@@ -199,6 +199,9 @@ class Runner:
                 "stage": stage_cfg.model_dump(mode="json", exclude=NOT_HASHED),
                 "models": {r: self._version(r, versions) for r in stage_cfg.models_needed},
                 "artifacts": artifact_writers if stage_cfg.reads_artifacts else [],
+                # the definitions of the pipeline's own targets a stage measures on
+                "targets": {t: self.cfg.targets[t].model_dump(mode="json")
+                            for t in getattr(stage_cfg, "targets", []) if t in self.cfg.targets},
             })
             # Rank 0 alone reads the run folder; the others follow its decision.
             manifest = dist.broadcast_object(self._cached(name, stage_hash) if main else None)
@@ -236,7 +239,8 @@ class Runner:
         """The stage's manifest when it finished with this very hash and its files are there."""
         manifest = read_json(self.run_dir / name / MANIFEST)
         if (self.force or not isinstance(manifest, dict) or manifest.get("hash") != stage_hash
-                or manifest.get("status") != "done" or not self._outputs_exist(manifest)):
+                or manifest.get("status") != "done" or manifest.get("incomplete")
+                or not self._outputs_exist(manifest)):
             return None
         return manifest
 
@@ -368,6 +372,7 @@ class Runner:
             "updated": sorted(result.updated),
             "artifacts": result.artifacts,
             "benchmarks": result.benchmarks, "compresskit_version": __version__,
+            "incomplete": result.incomplete,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         for leftover in [*work.glob("*.resume.pt"), work / RESUME_STATE]:

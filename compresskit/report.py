@@ -290,18 +290,28 @@ def sections(report: dict[str, Any]) -> list[Section]:
                  *[_fmt(b.get(m)) for m in quality.METRICS[report.get("task", "classify")]],
                  _fmt(b.get("file_bytes", b.get("bytes")))]
                 for b in report["benchmarks"] if b["target"] == target]
+        device = next((b["device"] for b in report["benchmarks"]
+                       if b["target"] == target and b.get("device")), None)
         out.append(Section(f"Target {target} (onnxruntime, measured on the files)",
                            ["artifact", "batch", *(["length"] if lengths else []), "threads",
                             "p50", "p90", "p99", "throughput/s",
                             "cold start (session + first run)", "peak RSS MB",
                             *[quality.LABELS[m] for m in quality.METRICS[
-                                report.get("task", "classify")]], "bytes"], rows))
+                                report.get("task", "classify")]], "bytes"], rows,
+                           [f"Measured on the device; {device_line(device)}."] if device else []))
     unavailable = {k: v for s in report["stages"]
-                   for k, v in s["metrics"].get("unavailable_targets", {}).items()}
+                   for key in ("unavailable_targets", "failed_targets")
+                   for k, v in s["metrics"].get(key, {}).items()}
     if unavailable:
         out.append(Section("Unavailable targets", ["target", "why"],
                            [[k, v] for k, v in unavailable.items()]))
     return out
+
+
+def device_line(d: dict[str, Any]) -> str:
+    isa = ", ".join(d.get("isa") or []) or "none reported"
+    return (f"{d.get('cpu')} ({d.get('machine')}, {d.get('physical_cores')} cores; ISA "
+            f"flags {isa}), onnxruntime {d.get('onnxruntime')}, Python {d.get('python')}")
 
 
 def _measured(m: dict[str, Any]) -> list[str]:

@@ -6,34 +6,14 @@ instantly. backends/ort.py turns a Target into session options.
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from compresskit.backends.device_runner import physical_cores
+from compresskit.backends.remote import Remote
 from compresskit.registry import Registry
 
-
-def physical_cores() -> int:
-    """Physical cores this process may run on (hyper-threads counted once)."""
-    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    allowed = allowed or 1
-    try:
-        cores: set[tuple[str, str]] = set()
-        phys = core = ""
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "physical id":
-                    phys = value.strip()
-                elif key == "core id":
-                    core = value.strip()
-                    cores.add((phys, core))
-        if cores:
-            return max(1, min(allowed, len(cores)))
-    except OSError:
-        pass
-    return allowed
+__all__ = ["TARGETS", "Target", "physical_cores", "resolve"]
 
 
 @dataclass(frozen=True)
@@ -54,18 +34,16 @@ class Target:
     """Pin the measuring process to this many cores (None: leave the affinity alone)."""
     ort_format: bool = False
     """Load the model converted to ORT format, as onnxruntime mobile does."""
+    remote: Remote | None = None
+    """Measured on another machine (over ssh or through a command), not here."""
 
     def resolved_threads(self) -> int:
         return self.threads or physical_cores()
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "providers": list(self.providers),
-                "provider_options": list(self.provider_options)}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Target:
-        return cls(**{**data, "providers": tuple(data["providers"]),
-                      "provider_options": tuple(data.get("provider_options", ()))})
+                "provider_options": list(self.provider_options),
+                "remote": self.remote.to_json() if self.remote else None}
 
 
 TARGETS: Registry[Target] = Registry("target")
@@ -94,10 +72,15 @@ def resolve(name: str, defined: dict[str, Any] | None = None) -> Target:
     """A target by name: one defined in the pipeline file (a TargetConfig), else a built-in."""
     if defined and name in defined:
         cfg = defined[name]
+        remote = None
+        if cfg.remote:
+            remote = Remote(ssh=cfg.ssh, port=cfg.port, ssh_options=tuple(cfg.ssh_options),
+                            command=cfg.command, python=cfg.python, workdir=cfg.workdir,
+                            timeout_s=cfg.timeout_s)
         return Target(name=name, description=cfg.description,
                       providers=tuple(cfg.providers), threads=cfg.threads,
                       sequential=cfg.sequential, arena=cfg.arena,
                       provider_options=tuple(cfg.provider_options),
                       optimization=cfg.optimization, pin_cores=cfg.pin_cores,
-                      ort_format=cfg.ort_format)
+                      ort_format=cfg.ort_format, remote=remote)
     return TARGETS.get(name)

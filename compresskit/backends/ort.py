@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from compresskit import inputs
+from compresskit.backends import device_runner
 from compresskit.targets import Target
 
 NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
@@ -57,15 +54,7 @@ def available(target: Target) -> tuple[bool, str]:
 
 
 def session_options(target: Target, threads: int) -> ort.SessionOptions:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = (ort.ExecutionMode.ORT_SEQUENTIAL if target.sequential
-                         else ort.ExecutionMode.ORT_PARALLEL)
-    so.graph_optimization_level = LEVELS[target.optimization]
-    so.enable_cpu_mem_arena = target.arena
-    so.log_severity_level = 3
-    return so
+    return device_runner.session_options(target.to_json(), threads)
 
 
 def to_ort_format(path: Path, folder: Path) -> Path:
@@ -122,18 +111,9 @@ def session(path: Path | str, target: Target, threads: int,
     return sess
 
 
-@contextlib.contextmanager
-def pinned(target: Target) -> Iterator[None]:
+def pinned(target: Target) -> contextlib.AbstractContextManager[None]:
     """Pin this process to the target's number of cores while measuring, then restore."""
-    if not target.pin_cores or not hasattr(os, "sched_setaffinity"):
-        yield
-        return
-    before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, set(sorted(before)[:target.pin_cores]))
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, before)
+    return device_runner.pinned(target.pin_cores)
 
 
 def input_names(sess: ort.InferenceSession) -> list[str]:
@@ -215,20 +195,7 @@ def time_interleaved(sessions: dict[str, ort.InferenceSession],
     if not isinstance(feeds, dict):  # the same inputs for every session
         x = feeds
         feeds = {k: inputs.feeds(input_names(s), x) for k, s in sessions.items()}
-    for _ in range(warmup):
-        for k, s in sessions.items():
-            s.run(None, feeds[k])
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    start = time.perf_counter()
-    rounds = 0
-    while (rounds < runs) if seconds is None else \
-            (rounds < 10 or time.perf_counter() - start < seconds):
-        for k, s in sessions.items():
-            t0 = time.perf_counter()
-            s.run(None, feeds[k])
-            times[k].append((time.perf_counter() - t0) * 1000.0)
-        rounds += 1
-    return times
+    return device_runner.interleaved(sessions, feeds, runs, warmup, seconds)
 
 
 def cold_start(path: Path, target: Target, threads: int, feeds: dict[str, np.ndarray],
@@ -249,11 +216,8 @@ def peak_rss_mb(path: Path, target: Target, threads: int, feeds: dict[str, np.nd
     with tempfile.TemporaryDirectory() as tmp:
         inputs = Path(tmp) / "feeds.npz"
         np.savez(inputs, **feeds)  # type: ignore[arg-type]  # numpy stubs type **kwds oddly
-        args = json.dumps({"path": str(path), "target": target.to_json(), "threads": threads,
-                           "feeds": str(inputs), "runs": runs})
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-        out = subprocess.run([sys.executable, "-m", "compresskit.backends.memprobe", args],
-                             capture_output=True, text=True, timeout=600, env=env, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"memory probe failed: {out.stderr.strip().splitlines()[-1:]}")
-    return float(json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"])
+        try:
+            return device_runner.peak_rss_mb(str(path), target.to_json(), threads, str(inputs),
+                                             runs)
+        except MemoryError as e:
+            raise RuntimeError(str(e)) from None

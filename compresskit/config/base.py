@@ -278,3 +278,36 @@ class TargetConfig(Strict):
     )
     ort_format: bool = Field(False, description="Run the model converted to ORT format.")
 
+    # On another machine: over ssh, or through a command that runs a program there.
+    ssh: str | None = Field(
+        None, min_length=1,
+        description="Measure on this machine over ssh: user@host, or a Host alias from "
+        "~/.ssh/config (keys and options come from there; never a password).")
+    port: int | None = Field(None, ge=1, le=65535, description="ssh port (null: ssh's own).")
+    ssh_options: list[str] = Field(
+        default_factory=list,
+        description="More arguments for ssh, e.g. [-i, ~/.ssh/pi_key] or [-F, my_config].")
+    command: str | None = Field(
+        None, min_length=1,
+        description="Measure through this command, which runs a program on the device, passing "
+        "on its arguments and stdin: 'docker exec -i box', 'env' (here, for a test).")
+    python: str = Field("python3", min_length=1,
+                        description="The Python on the device (with numpy and onnxruntime).")
+    workdir: str = Field("~/.cache/compresskit-device", min_length=1,
+                         description="Folder on the device for the runner and the models.")
+    timeout_s: float = Field(600.0, gt=0, description="Longest one measurement may take.")
+
+    @model_validator(mode="after")
+    def _one_way_to_the_device(self) -> TargetConfig:
+        if self.ssh is not None and self.command is not None:
+            raise PydanticCustomError(
+                "remote", "a target runs over 'ssh' or through 'command', not both; keep one")
+        if self.ssh is None and (self.port is not None or self.ssh_options):
+            raise PydanticCustomError(
+                "remote", "'port' and 'ssh_options' need 'ssh: user@host'")
+        return self
+
+    @property
+    def remote(self) -> bool:
+        return self.ssh is not None or self.command is not None
+

@@ -8,6 +8,7 @@ from typing import Any
 
 from compresskit import bench, inputs, measure, quality
 from compresskit.backends import ort as ort_backend
+from compresskit.backends import remote
 from compresskit.config import BenchmarkConfig
 from compresskit.context import StageContext, StageResult
 from compresskit.errors import StageError
@@ -37,28 +38,45 @@ def run(cfg: BenchmarkConfig, ctx: StageContext) -> StageResult:
 
     rows: list[dict[str, Any]] = []
     unavailable: dict[str, str] = {}
+    failed: dict[str, str] = {}
     for name in cfg.targets:
         target = resolve(name, ctx.config.targets)
         work = ctx.work_dir / name
         files = {a["path"]: ctx.run_dir / a["path"] for a in artifacts}
+        outputs: dict[str, Any] = {}
         try:
             measured = []
-            for length in lengths:
-                for row in bench.measure(files, target, settings, feeds_at(length), work):
-                    measured.append({**row, "length": length} if length else row)
+            for i, length in enumerate(lengths):
+                if target.remote is not None:  # on the device, accuracy included
+                    found, predicted = bench.measure_remote(
+                        files, target, settings, feeds_at(length), work,
+                        eval_x=x if i == 0 else None,
+                        eval_batch_size=ctx.config.data.eval_batch_size)
+                    outputs = outputs or predicted
+                else:
+                    found = bench.measure(files, target, settings, feeds_at(length), work)
+                measured += [{**row, "length": length} if length else row for row in found]
         except ort_backend.TargetUnavailable as e:
             unavailable[name] = str(e)
             ctx.log(f"[yellow]target {name} unavailable:[/yellow] {e}; the other targets go on")
             continue
+        except remote.RemoteError as e:
+            failed[name] = str(e)
+            ctx.log(f"[yellow]warning:[/yellow] {e}; the other targets go on, and this stage "
+                    "runs again next time")
+            continue
         except (ort_backend.ModelFileError, ort_backend.FeedError) as e:
             raise StageError(ctx.name, f"target {name}: {e}") from None
-        threads = cfg.threads or target.resolved_threads()
-        with ort_backend.pinned(target):
-            scores = {}
-            for a in artifacts:
-                sess = ort_backend.session(files[a["path"]], target, threads, work)
-                scores[a["path"]] = measure.score(ctx, ort_backend.predict(
-                    sess, x, ctx.config.data.eval_batch_size), y)
+        if target.remote is not None:
+            scores = {path: measure.score(ctx, out, y) for path, out in outputs.items()}
+        else:
+            threads = cfg.threads or target.resolved_threads()
+            with ort_backend.pinned(target):
+                scores = {}
+                for a in artifacts:
+                    sess = ort_backend.session(files[a["path"]], target, threads, work)
+                    scores[a["path"]] = measure.score(ctx, ort_backend.predict(
+                        sess, x, ctx.config.data.eval_batch_size), y)
         for row in measured:
             a = next(a for a in artifacts if a["path"] == row["artifact"])
             row.update({"model": a.get("model"), "method": a.get("method"),
@@ -69,8 +87,11 @@ def run(cfg: BenchmarkConfig, ctx: StageContext) -> StageResult:
             ctx.log(f"{name} bs={row['batch_size']}{at} {a['path']}: p50 "
                     f"{fmt_ms(row['latency_ms']['p50'])}, {quality.LABELS[metric]} "
                     f"{row[metric]:.4f}")
+        if measured and measured[0].get("device"):
+            ctx.log(f"{name}: {bench.describe_device(measured[0]['device'])}")
     if not rows:
-        raise StageError(ctx.name, "no target could run here: " + "; ".join(
-            f"{k}: {v}" for k, v in unavailable.items()))
-    return StageResult(metrics={"unavailable_targets": unavailable,
-                                "verdict_tolerance": cfg.verdict_tolerance}, benchmarks=rows)
+        raise StageError(ctx.name, "no target could measure: " + "; ".join(
+            f"{k}: {v}" for k, v in {**unavailable, **failed}.items()))
+    return StageResult(metrics={"unavailable_targets": unavailable, "failed_targets": failed,
+                                "verdict_tolerance": cfg.verdict_tolerance}, benchmarks=rows,
+                       incomplete="; ".join(failed.values()) or None)
