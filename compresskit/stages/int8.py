@@ -50,16 +50,20 @@ def onnx_logits(path: Path, x: Any, *, simulate: bool = False) -> np.ndarray:
 
 def agreement(logits: np.ndarray, reference: np.ndarray, tol: float | None) -> dict[str, Any]:
     """How far `logits` are from `reference`: the largest difference, also as a share of the
-    reference's range; top-1 agreement on all samples, and on the decisive ones, whose top two
-    reference logits differ by more than `tol` of the range (closer ones are ties that
-    integer rounding may flip, common in a barely trained model)."""
+    reference's range, and the 99th percentile over samples of each sample's largest difference
+    (a rounding step that cascades through a deep network moves one sample in a few hundred;
+    a wrong kernel moves them all); top-1 agreement on all samples, and on the decisive ones,
+    whose top two reference logits differ by more than `tol` of the range (closer ones are ties
+    that integer rounding may flip, common in a barely trained model)."""
     diff = np.abs(logits - reference)
     spread = float(reference.max() - reference.min()) or 1.0
+    per_sample = diff.reshape(len(diff), -1).max(axis=1)
     same = logits.argmax(1) == reference.argmax(1)
     top2 = np.sort(reference, axis=1)[:, -2:] if reference.shape[1] > 1 else None
     decisive = (top2[:, 1] - top2[:, 0] > (tol or 0.0) * spread) if top2 is not None \
         else np.ones(len(same), bool)
     return {"max_abs_diff": float(diff.max()), "max_diff_of_range": float(diff.max()) / spread,
+            "p99_diff_of_range": float(np.quantile(per_sample, 0.99)) / spread,
             "top1_agreement": float(same.mean()),
             "decisive_top1_agreement": float(same[decisive].mean()) if decisive.any() else 1.0,
             "decisive_samples": int(decisive.sum()), "samples": len(logits)}
@@ -68,12 +72,13 @@ def agreement(logits: np.ndarray, reference: np.ndarray, tol: float | None) -> d
 def shown(found: dict[str, Any], logit_tol: float | None, min_agreement: float | None) -> str:
     return (f"top-1 agreement {found['decisive_top1_agreement']:.4f} on the "
             f"{found['decisive_samples']} samples that are no near-ties (min_agreement "
-            f"{min_agreement}), largest logit difference {found['max_abs_diff']:.3g}, "
-            f"{found['max_diff_of_range']:.3g} of the logit range (logit_tol {logit_tol})")
+            f"{min_agreement}), logit difference {found['p99_diff_of_range']:.3g} of the logit "
+            f"range at the 99th percentile of samples (logit_tol {logit_tol}), "
+            f"{found['max_diff_of_range']:.3g} at most")
 
 
 def agrees(found: dict[str, Any], logit_tol: float | None, min_agreement: float | None) -> bool:
-    return not ((logit_tol is not None and found["max_diff_of_range"] > logit_tol) or (
+    return not ((logit_tol is not None and found["p99_diff_of_range"] > logit_tol) or (
         min_agreement is not None and found["decisive_top1_agreement"] < min_agreement))
 
 
