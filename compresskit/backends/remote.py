@@ -11,7 +11,6 @@ back on stdout. The device needs Python 3.8+, numpy and onnxruntime, nothing of 
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import shlex
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from compresskit.artifacts import sha256_file
 from compresskit.backends import device_runner
 
 BOOT = ("import os,sys,tarfile,runpy;w=os.path.expanduser(sys.argv[1]);"
@@ -70,14 +70,6 @@ class Remote:
                 "timeout_s": self.timeout_s}
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _call(remote: Remote, name: str, job: dict[str, Any], files: dict[str, Path],
           timeout: float | None = None) -> dict[str, Any]:
     """Send the runner, `job` and `files` (path on the device, relative to the work folder ->
@@ -121,8 +113,13 @@ def _answer(remote: Remote, name: str, out: subprocess.CompletedProcess) -> dict
         except ValueError:
             answer = None
     if answer is None:
+        if remote.ssh is not None and out.returncode == 255 and not last:
+            raise RemoteError(
+                f"target '{name}': the runner on {remote.ssh} ended without an answer (killed "
+                "by a signal, usually the device running out of memory); time fewer or "
+                "smaller files, or smaller batches")
         if remote.ssh is not None and out.returncode == 255:
-            why = last or "no reason given"
+            why = last
             raise RemoteError(
                 f"target '{name}': ssh could not log in to {remote.ssh} ({why}). The command "
                 f"was: {remote.shown()}. Check that it logs in without a password prompt: a "
@@ -176,7 +173,7 @@ def measure(remote: Remote, name: str, files: dict[str, Path], target: dict[str,
     send: dict[str, Path] = {}
     on_device: dict[str, str] = {}
     for label, path in files.items():
-        stored = f"{sha256(path)}{path.suffix}"
+        stored = f"{sha256_file(path)}{path.suffix}"
         on_device[label] = f"models/{stored}"
         if stored not in have:
             send[f"models/{stored}"] = path

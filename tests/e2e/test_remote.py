@@ -109,7 +109,8 @@ def bench(tmp: Path, targets: dict, *args: str) -> subprocess.CompletedProcess:
 def test_bench_over_ssh_agrees_with_the_local_cpu(sshd, model, tmp_path):
     """The same file, the same threads, the same machine behind sshd: the device's p50 is the
     local one within the noise band (measured here, 5 runs on a loaded 2-core machine: ratios
-    0.81 to 1.12, median 1.01; the test allows 0.5 to 2). The device describes itself, and a second run sends no model again."""
+    0.81 to 1.12, median 1.01; the test allows 0.5 to 2). The device describes itself, and
+    keeps the model by content, so a second run does not send it again."""
     result = bench(tmp_path, {"pi": _target(sshd)}, str(model), "-t", "pi", "-t", "cpu",
                    "-b", "8", "--threads", "1", "--runs", "300", "--no-memory",
                    "--json", "rows.json")
@@ -128,6 +129,11 @@ def test_bench_over_ssh_agrees_with_the_local_cpu(sshd, model, tmp_path):
     stored = list((sshd / "device" / "models").iterdir())
     assert len(stored) == 1 and stored[0].read_bytes() == model.read_bytes()
     assert not list((sshd / "device" / "jobs").iterdir())  # each job's folder is removed
+    written = stored[0].stat().st_ctime_ns
+    again = bench(tmp_path, {"pi": _target(sshd)}, str(model), "-t", "pi", "--runs", "5",
+                  "--no-memory")
+    assert again.returncode == 0, again.stderr
+    assert stored[0].stat().st_ctime_ns == written
 
 
 def test_pipeline_benchmark_stage_on_the_device_scores_accuracy_there(sshd, tmp_path):
@@ -192,6 +198,14 @@ def test_no_onnxruntime_on_the_device_says_what_to_install(sshd, model, tmp_path
     line = _fails(tmp_path, model, _target(sshd, python=str(bare / "bin" / "python")))
     assert "cannot import onnxruntime or numpy" in line
     assert f"{bare / 'bin' / 'python'} -m pip install onnxruntime numpy" in line
+
+
+def test_a_runner_killed_over_ssh_is_not_a_login_failure(sshd, model, tmp_path):
+    killer = tmp_path / "killed-python"
+    killer.write_text("#!/bin/sh\nkill -9 $$\n")
+    killer.chmod(0o755)
+    line = _fails(tmp_path, model, _target(sshd, python=str(killer)))
+    assert "ended without an answer" in line and "out of memory" in line
 
 
 def test_the_device_running_out_of_memory(model, tmp_path):
