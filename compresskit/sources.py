@@ -69,10 +69,23 @@ def _user_error(exc: BaseException, path: str) -> str:
     return f"{type(exc).__name__}: {exc}{where}"
 
 
+_IMPORTED: dict[Path, str] = {}
+"""User file -> the module name its current content was imported under."""
+
+
 def _import_file(path: Path) -> Any:
-    name = "compresskit_user_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
+    """The user's file as a module, imported once per content: after an edit, a long-lived
+    process (the Python API in a loop) imports it again instead of reusing the old module."""
+    try:
+        content = hashlib.sha1(path.read_bytes()).hexdigest()
+    except OSError as e:
+        raise SourceError(f"cannot read {path}: {e.strerror}") from None
+    name = "compresskit_user_" + hashlib.sha1(f"{path}\0{content}".encode()).hexdigest()[:12]
     if name in sys.modules:
         return sys.modules[name]
+    stale = _IMPORTED.pop(path, None)
+    if stale is not None:
+        sys.modules.pop(stale, None)
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise SourceError(f"cannot import {path}: not a Python file")
@@ -87,6 +100,7 @@ def _import_file(path: Path) -> Any:
         raise SourceError(f"importing {path} failed: {_user_error(e, str(path))}") from None
     finally:
         sys.path.remove(str(path.parent))
+    _IMPORTED[path] = name
     return module
 
 

