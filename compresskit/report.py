@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -330,9 +331,20 @@ def _cold(b: dict[str, Any]) -> str:
     return f"{fmt_ms(c['session_ms'])} + {fmt_ms(c['first_run_ms'])}" if c else "-"
 
 
+def tied(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two measured rows' p50 latencies differ by no more than measurement noise: two
+    standard errors of the difference of two medians (1.253 std / sqrt(runs) each)."""
+    la, lb = a["latency_ms"], b["latency_ms"]
+    if "std" not in la or "std" not in lb or not a.get("runs") or not b.get("runs"):
+        return False
+    se = 1.253 * math.sqrt(la["std"] ** 2 / a["runs"] + lb["std"] ** 2 / b["runs"])
+    return abs(la["p50"] - lb["p50"]) <= 2 * se
+
+
 def verdicts(report: dict[str, Any]) -> list[str]:
     """Per target, at its smallest batch: the fastest artifact whose accuracy is within the
-    benchmark stage's verdict_tolerance of the most accurate one, and why."""
+    benchmark stage's verdict_tolerance of the most accurate one, and why. Files as fast as it
+    within measurement noise tie with it, and the smallest of them is shipped."""
     tol = next((s["metrics"]["verdict_tolerance"] for s in report["stages"]
                 if "verdict_tolerance" in s["metrics"]), 0.01)
     lines = []
@@ -345,23 +357,28 @@ def verdicts(report: dict[str, Any]) -> list[str]:
         longest = max((b.get("length") or 0) for b in rows)
         rows = [b for b in rows if (b.get("length") or 0) == longest]
         best = max(b[k] for b in rows)
-        pick = min((b for b in rows if b[k] >= best - tol - 1e-12),
-                   key=lambda b: b["latency_ms"]["p50"])
+        good = [b for b in rows if b[k] >= best - tol - 1e-12]
+        fastest = min(good, key=lambda b: b["latency_ms"]["p50"])
+        ties = [b for b in good if b is fastest or tied(b, fastest)]
+        pick = min(ties, key=lambda b: (b["bytes"], b["artifact"]))
         ref = next((b for b in rows if b.get("model") == "teacher"
                     and b.get("precision") == "fp32"), rows[0])
         name = Path(pick["artifact"]).name
+        others = [Path(b["artifact"]).name for b in ties if b is not pick]
+        tie = (f"; as fast as {', '.join(others)} within measurement noise, and the smallest"
+               if others else "")
         within = f"{100 * tol:g} point{'' if tol == 0.01 else 's'}" if k == "accuracy" \
             else f"{tol:g} {_label(report)}"
         best_one = "the most accurate one" if k == "accuracy" else "the best one"
         if pick is ref:
             lines.append(f"{target}: ship {name}: no other file is as fast within {within} "
-                         f"of {best_one} ({_at(pick)}).")
+                         f"of {best_one} ({_at(pick)}{tie}).")
             continue
         pace = _pace(ref["latency_ms"]["p50"] / pick["latency_ms"]["p50"])
         lines.append(
             f"{target}: ship {name}: {pace} than {Path(ref['artifact']).name} at "
             f"{_delta(report, pick[k], ref[k])}, {pick['bytes'] / max(1, ref['bytes']):.2f}x "
-            f"its size ({_at(pick)}: the fastest file within {within} of {best_one}).")
+            f"its size ({_at(pick)}: the fastest file within {within} of {best_one}{tie}).")
     return lines
 
 

@@ -145,3 +145,23 @@ def test_pareto_front_and_verdict_rules():
     assert verdicts(report) == [
         "cpu: ship s.int8.onnx: 4.00x faster than t.onnx at -0.5 points, 0.10x its size "
         "(batch 1: the fastest file within 1 point of the most accurate one)."]
+
+
+def test_a_latency_difference_inside_the_noise_is_a_tie_won_by_the_smaller_file():
+    """digits: student.qat-ce.int8.onnx beat student.qat.int8.onnx by 0.001 ms; that is noise
+    (two standard errors of the difference of the medians), and the smaller file ships."""
+    def row(name, p50, std, size, acc=0.98):
+        return {"artifact": name, "model": "student", "precision": "int8", "target": "cpu",
+                "batch_size": 1, "runs": 200, "accuracy": acc, "bytes": size,
+                "latency_ms": {"p50": p50, "std": std}}
+
+    teacher = {**row("t.onnx", 4.0, 0.1, 1000, 0.99), "model": "teacher", "precision": "fp32"}
+    report = {"benchmarks": [teacher, row("a.int8.onnx", 0.100, 0.005, 120),
+                             row("b.int8.onnx", 0.101, 0.005, 110)],
+              "stages": [{"metrics": {"verdict_tolerance": 0.01}}]}
+    (line,) = verdicts(report)
+    assert line.startswith("cpu: ship b.int8.onnx: ")
+    assert "as fast as a.int8.onnx within measurement noise, and the smallest" in line
+    report["benchmarks"][2]["latency_ms"]["p50"] = 0.110  # 10 % slower: a real difference
+    (line,) = verdicts(report)
+    assert line.startswith("cpu: ship a.int8.onnx: ") and "noise" not in line
