@@ -186,6 +186,11 @@ class StageBase(Strict):
     """A stage that trains without changing the pipeline's models (qat trains a quantized
     copy): under torchrun it runs on every rank, like the stages that change the model."""
 
+    def problems(self, pipeline: Any) -> list[tuple[tuple[Any, ...], str]]:
+        """What the config alone shows is wrong with this stage in `pipeline`, as (key path
+        within the stage, message); checked by `validate`, before anything runs."""
+        return []
+
     @property
     def every_rank(self) -> bool:
         """Under torchrun: runs on every rank (training under DistributedDataParallel), or on

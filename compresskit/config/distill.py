@@ -174,9 +174,12 @@ class DistillConfig(TrainingOptions, TeacherCacheOptions):
     def uses_kl(self) -> bool:
         return any(t.type == "kl" for t in self.losses)
 
-    def mode_problems(self) -> list[tuple[tuple[Any, ...], str]]:
-        """Keys that contradict the mode, as (path relative to the stage, message)."""
+    def problems(self, pipeline: Any) -> list[tuple[tuple[Any, ...], str]]:
+        """Keys that contradict the mode or the pipeline's task."""
         out: list[tuple[tuple[Any, ...], str]] = []
+        if pipeline.task == "embed" and self.mode != "kd":
+            out.append((("mode",), f"mode: {self.mode} compares logits; task: embed distils "
+                        "embeddings with mode: kd and a cosine loss term"))
         given = self.model_fields_set
         only = {"teachers": ("kd",), "confidence_weighting": ("kd",),
                 "generations": ("born_again",), "ema_decay": ("ema",), "noise": ("ema",),

@@ -16,8 +16,7 @@ from compresskit.config.base import (
     Strict,
     TargetConfig,
 )
-from compresskit.config.distill import DistillConfig
-from compresskit.config.stages import LowRankConfig, PruneConfig, StageConfig
+from compresskit.config.stages import StageConfig
 
 
 class PipelineConfig(Strict):
@@ -158,15 +157,7 @@ def order_problems(cfg: PipelineConfig) -> list[tuple[tuple[Any, ...], str]]:
                      f"'{stage.type}' uses the {role}{hint}, but the pipeline has no "
                      f"{where}; add one with a 'source:'")
                 )
-        if isinstance(stage, DistillConfig):
-            problems += [(("stages", i, *key), msg) for key, msg in stage.mode_problems()]
-        if isinstance(stage, PruneConfig) and sum(
-                v is not None for v in (stage.ratio, stage.target_macs, stage.target_params)) > 1:
-            problems.append((("stages", i), "give one of 'ratio', 'target_macs' and "
-                             "'target_params', not several"))
-        if isinstance(stage, LowRankConfig) and stage.energy is not None \
-                and stage.rank_ratio is not None:
-            problems.append((("stages", i), "give 'energy' or 'rank_ratio', not both"))
+        problems += [(("stages", i, *key), msg) for key, msg in stage.problems(cfg)]
         available.update(stage.produces)
         exported = exported or stage.type == "export"
         quantized = quantized or stage.quantizes

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import ConfigDict, Field
 
@@ -156,6 +156,11 @@ class PruneConfig(CompressOptions):
                 return key, getattr(self, key)
         return "ratio", 0.5 if self.ratio is None else self.ratio
 
+    def problems(self, pipeline: Any) -> list[tuple[tuple[Any, ...], str]]:
+        if sum(v is not None for v in (self.ratio, self.target_macs, self.target_params)) > 1:
+            return [((), "give one of 'ratio', 'target_macs' and 'target_params', not several")]
+        return []
+
 
 class LowRankConfig(CompressOptions):
     """Truncated-SVD factorisation: a Linear becomes two of rank r; a k x k Conv2d becomes a k x k
@@ -186,6 +191,11 @@ class LowRankConfig(CompressOptions):
         min_length=1,
         description="Layer kinds to factorise.",
     )
+
+    def problems(self, pipeline: Any) -> list[tuple[tuple[Any, ...], str]]:
+        if self.energy is not None and self.rank_ratio is not None:
+            return [((), "give 'energy' or 'rank_ratio', not both")]
+        return []
 
 
 class Int8Options(StageBase):
@@ -380,6 +390,12 @@ class BenchmarkConfig(StageBase):
             "this much (0.01: one point) of the most accurate one."
         ),
     )
+
+    def problems(self, pipeline: Any) -> list[tuple[tuple[Any, ...], str]]:
+        if self.lengths and not any(i.dynamic for i in pipeline.inputs):
+            return [(("lengths",), "'lengths' needs an input with a dynamic axis; give one "
+                     "under input: dynamic (e.g. {0: sequence})")]
+        return []
 
 
 StageConfig = Annotated[

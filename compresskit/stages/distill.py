@@ -42,9 +42,6 @@ def run(cfg: DistillConfig, ctx: StageContext) -> StageResult:
     if cfg.baseline and not has_labels(data.train):
         raise _bad(ctx, ("baseline",), "baseline: true trains the student with cross-entropy, "
                    "but the training split has no labels; set baseline: false")
-    if ctx.config.task == "embed" and cfg.mode != "kd":
-        raise _bad(ctx, ("mode",), f"mode: {cfg.mode} compares logits; task: embed distils "
-                   "embeddings with mode: kd and a cosine loss term")
     if cfg.mode == "mutual":
         return _mutual(cfg, ctx)
     student = ctx.model("student").to(ctx.device)
