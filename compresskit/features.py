@@ -3,11 +3,12 @@ student's feature width to a teacher's."""
 
 from __future__ import annotations
 
-import difflib
 from typing import Any
 
 import torch
 from torch import nn
+
+from compresskit.registry import closest
 
 
 class FeatureError(Exception):
@@ -24,7 +25,7 @@ def check_names(model: nn.Module, names: list[str], who: str) -> list[str]:
     problems = []
     for name in names:
         if name not in known:
-            close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+            close = closest(name, known, n=3, cutoff=0.5)
             hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else \
                 f"; its modules include {', '.join(known[:8])}"
             problems.append(f"the {who} has no module named '{name}'{hint}")

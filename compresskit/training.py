@@ -226,6 +226,26 @@ def fit(model: nn.Module, train: Dataset, opts: TrainingOptions, *, batch_size: 
     return history
 
 
+def fit_stage(ctx: Any, model: nn.Module, opts: TrainingOptions, step: StepFn, what: str, *,
+              resume: str, blame: str = "", hint: str = "",
+              after_step: Callable[[], None] | None = None) -> dict[str, Any]:
+    """`fit` inside a stage: the pipeline's training split and batch size, the stage's device,
+    seed, progress bar ('<stage> <what>') and resume file (work_dir/<resume>.resume.pt),
+    validation each epoch; a divergence fails the stage, its message between `blame` and
+    `hint`."""
+    from compresskit.errors import StageError
+
+    data = ctx.data()
+    try:
+        return fit(model, data.train, opts, step=step, batch_size=ctx.config.data.batch_size,
+                   device=ctx.device, seed=ctx.seed, progress=ctx.progress,
+                   desc=f"{ctx.name} {what}", val=data.val,
+                   eval_batch_size=ctx.config.data.eval_batch_size,
+                   resume=ctx.work_dir / f"{resume}.resume.pt", after_step=after_step)
+    except Diverged as e:
+        raise StageError(ctx.name, f"{blame}{e}{hint}") from None
+
+
 def _train_loader(train: Dataset, batch_size: int, seed: int) -> tuple[DataLoader, Any]:
     """One process: shuffled batches. Under torchrun: each rank a shard of each epoch, with
     `batch_size` the global batch (split across ranks), so steps per epoch stay the same."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import Discriminator, Field, Tag
@@ -17,6 +16,7 @@ from compresskit.config.base import (
     TargetConfig,
 )
 from compresskit.config.stages import StageConfig
+from compresskit.registry import did_you_mean
 
 
 class PipelineConfig(Strict):
@@ -150,11 +150,10 @@ def order_problems(cfg: PipelineConfig) -> list[tuple[tuple[Any, ...], str]]:
             if role not in available:
                 where = f"'{role}:' section" if role in ("teacher", "student") else \
                     f"model '{role}' under 'models:'"
-                close = difflib.get_close_matches(role, sorted(available), n=1, cutoff=0.6)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
                 problems.append(
                     (("stages", i, *_key_naming(stage, role)),
-                     f"'{stage.type}' uses the {role}{hint}, but the pipeline has no "
+                     f"'{stage.type}' uses the {role}{did_you_mean(role, available)}, but the "
+                     "pipeline has no "
                      f"{where}; add one with a 'source:'")
                 )
         problems += [(("stages", i, *key), msg) for key, msg in stage.problems(cfg)]

@@ -19,7 +19,7 @@ from compresskit import teacher as teacher_outputs
 from compresskit.config import DistillConfig
 from compresskit.context import StageContext, StageResult
 from compresskit.diagnostics import capacity_warning, diagnostics
-from compresskit.errors import ConfigError, Problem, StageError
+from compresskit.errors import ConfigError, Problem
 from compresskit.inputs import call, to
 from compresskit.loader import format_path
 from compresskit.measure import snapshot
@@ -29,10 +29,9 @@ from compresskit.ops import kd
 from compresskit.teacher import TeacherOutputs
 from compresskit.training import (
     Batch,
-    Diverged,
     cross_entropy_step,
     evaluate,
-    fit,
+    fit_stage,
     has_labels,
 )
 
@@ -118,15 +117,9 @@ def _train(cfg: DistillConfig, ctx: StageContext, student: nn.Module, source: Te
     objective = Objective(cfg, distiller, source, team, temperature,
                           noise=cfg.noise if ema is not None else 0.0)
     after = (lambda: kd.ema_update(ema, student, cfg.ema_decay)) if ema is not None else None
-    data = ctx.data()
     try:
-        return fit(distiller, data.train, cfg.options(epochs), step=objective,
-                   batch_size=ctx.config.data.batch_size, device=ctx.device, seed=ctx.seed,
-                   progress=ctx.progress, desc=f"{ctx.name} {tag}", val=data.val,
-                   eval_batch_size=ctx.config.data.eval_batch_size,
-                   resume=ctx.work_dir / f"{tag}.resume.pt", after_step=after)
-    except Diverged as e:
-        raise StageError(ctx.name, str(e) if tag == "student" else f"{tag}: {e}") from None
+        return fit_stage(ctx, distiller, cfg.options(epochs), objective, tag, resume=tag,
+                         blame="" if tag == "student" else f"{tag}: ", after_step=after)
     finally:
         objective.close()
 
@@ -253,13 +246,8 @@ def _mutual(cfg: DistillConfig, ctx: StageContext) -> StageResult:
 
     cohort = Cohort(list(peers.values()))
     data, bs = ctx.data(), ctx.config.data.eval_batch_size
-    try:
-        fit(cohort, data.train, cfg.options(cfg.epochs), step=step,
-            batch_size=ctx.config.data.batch_size, device=ctx.device, seed=ctx.seed,
-            progress=ctx.progress, desc=f"{ctx.name} peers", val=data.val, eval_batch_size=bs,
-            resume=ctx.work_dir / "peers.resume.pt")
-    except Diverged as e:
-        raise StageError(ctx.name, f"mutual: {e}") from None
+    fit_stage(ctx, cohort, cfg.options(cfg.epochs), step, "peers", resume="peers",
+              blame="mutual: ")
     metrics: dict[str, Any] = {
         "mode": "mutual", "eval_split": data.eval_name,
         "peer_accuracy": {n: evaluate(m, data.eval, bs, ctx.device) for n, m in peers.items()},
@@ -279,13 +267,7 @@ def _mutual(cfg: DistillConfig, ctx: StageContext) -> StageResult:
 
 def _baseline(cfg: DistillConfig, ctx: StageContext, model: nn.Module, epochs: int) -> float:
     """The same student from the same start, trained with cross-entropy alone."""
+    fit_stage(ctx, model, cfg.options(epochs), cross_entropy_step, "baseline (no teacher)",
+              resume="baseline", blame="baseline: ")
     data = ctx.data()
-    try:
-        fit(model, data.train, cfg.options(epochs), step=cross_entropy_step,
-            batch_size=ctx.config.data.batch_size, device=ctx.device, seed=ctx.seed,
-            progress=ctx.progress, desc=f"{ctx.name} baseline (no teacher)", val=data.val,
-            eval_batch_size=ctx.config.data.eval_batch_size,
-            resume=ctx.work_dir / "baseline.resume.pt")
-    except Diverged as e:
-        raise StageError(ctx.name, f"baseline: {e}") from None
     return evaluate(model, data.eval, ctx.config.data.eval_batch_size, ctx.device)

@@ -13,8 +13,6 @@ Under torchrun every rank quantizes and trains (DistributedDataParallel starts t
 from __future__ import annotations
 
 import copy
-import difflib
-import fnmatch
 from typing import Any
 
 import numpy as np
@@ -37,14 +35,14 @@ from compresskit.stages.int8 import (
     publish,
     shown,
 )
-from compresskit.stages.shrink import fine_tune
+from compresskit.stages.shrink import fine_tune, matching
 
 
 def run(cfg: QatConfig, ctx: StageContext) -> StageResult:
     x, y = measure.eval_arrays(ctx)
     student = copy.deepcopy(ctx.model(cfg.model)).cpu().eval()
     if dist.is_main():
-        _warn_unmatched(cfg.ignore, [n for n, _ in student.named_modules() if n], ctx)
+        matching(cfg.ignore, student, ctx)  # warns about patterns that match nothing
     folded = quant.fold_batchnorm(student, inputs.apply(inputs.take(x, slice(0, 8)),
                                                         torch.from_numpy))
     batches = calibration(ctx, cfg.calibration_samples)
@@ -64,14 +62,6 @@ def run(cfg: QatConfig, ctx: StageContext) -> StageResult:
         result = _write(cfg, ctx, model, x, y, folded, batches, loss)
     result.metrics["trained_on_ranks"] = ranks
     return result
-
-
-def _warn_unmatched(patterns: list[str], names: list[str], ctx: StageContext) -> None:
-    for pattern in patterns:
-        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-            close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.4)
-            ctx.log(f"[yellow]warning:[/yellow] ignore pattern '{pattern}' matches no module"
-                    + (f"; closest module names: {', '.join(close)}" if close else ""))
 
 
 def _write(cfg: QatConfig, ctx: StageContext, model: torch.nn.Module, x: Any, y: Any,

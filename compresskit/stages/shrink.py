@@ -4,7 +4,6 @@ resolving `ignore` patterns, recovery by distillation, and the before/after reco
 from __future__ import annotations
 
 import copy
-import difflib
 import fnmatch
 from typing import Any
 
@@ -22,7 +21,8 @@ from compresskit.inputs import call
 from compresskit.modelio import example_input
 from compresskit.ops.kd import cosine_loss, hinton_loss
 from compresskit.ops.latency import fmt_ms
-from compresskit.training import Batch, Diverged, cross_entropy_step, fit, has_labels
+from compresskit.registry import closest
+from compresskit.training import Batch, cross_entropy_step, fit_stage, has_labels
 
 
 class Shrink:
@@ -54,17 +54,7 @@ class Shrink:
 
     def ignored(self, always: list[str]) -> list[str]:
         """Names of the modules matched by `ignore` patterns, plus `always` (kept by default)."""
-        names = [n for n, _ in self.model.named_modules() if n]
-        picked: list[str] = list(always)
-        for pattern in self.cfg.ignore:
-            hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
-            if not hits:
-                close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.4)
-                hint = f"; closest module names: {', '.join(close)}" if close else ""
-                self.ctx.log(f"[yellow]warning:[/yellow] ignore pattern '{pattern}' matches no "
-                             f"module{hint}")
-            picked += hits
-        return list(dict.fromkeys(picked))
+        return list(dict.fromkeys([*always, *matching(self.cfg.ignore, self.model, self.ctx)]))
 
     def check_forward(self) -> None:
         """The changed model still runs, else the stage fails naming the module that broke."""
@@ -151,17 +141,26 @@ def fine_tune(ctx: StageContext, model: nn.Module, opts: TrainingOptions,
         return hinton_loss(call(m, batch.x), t_out, batch.y, kd_opts.temperature,
                            kd_opts.alpha)
 
-    try:
-        history = fit(model, data.train, opts,
-                      step=kd_step if teacher is not None else cross_entropy_step,
-                      batch_size=ctx.config.data.batch_size, device=ctx.device, seed=ctx.seed,
-                      progress=ctx.progress, desc=f"{ctx.name} {what}", val=data.val,
-                      eval_batch_size=ctx.config.data.eval_batch_size,
-                      resume=ctx.work_dir / f"{resume}.resume.pt")
-    except Diverged as e:
-        raise StageError(ctx.name, f"{what}: {e}{hint}") from None
+    history = fit_stage(ctx, model, opts, kd_step if teacher is not None else cross_entropy_step,
+                        what, resume=resume, blame=f"{what}: ", hint=hint)
     model.cpu().eval()
     return float(history["loss"][-1])
+
+
+def matching(patterns: list[str], model: nn.Module, ctx: StageContext) -> list[str]:
+    """Names of `model`'s modules that the glob `patterns` (a stage's `ignore`) match; a
+    pattern that matches none is a warning naming the closest module names."""
+    names = [n for n, _ in model.named_modules() if n]
+    hits: list[str] = []
+    for pattern in patterns:
+        found = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        if not found:
+            close = closest(pattern, names, n=3, cutoff=0.4)
+            hint = f"; closest module names: {', '.join(close)}" if close else ""
+            ctx.log(f"[yellow]warning:[/yellow] ignore pattern '{pattern}' matches no "
+                    f"module{hint}")
+        hits += found
+    return hits
 
 
 def first_and_last(order: list[str]) -> list[str]:

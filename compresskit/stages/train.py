@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from compresskit.config import TrainConfig
 from compresskit.context import StageContext, StageResult
-from compresskit.errors import ConfigError, Problem, StageError
+from compresskit.errors import ConfigError, Problem
 from compresskit.measure import snapshot
 from compresskit.modelio import count_params
-from compresskit.training import Diverged, cross_entropy_step, evaluate, fit, has_labels
+from compresskit.training import cross_entropy_step, evaluate, fit_stage, has_labels
 
 
 def run(cfg: TrainConfig, ctx: StageContext) -> StageResult:
@@ -18,13 +18,7 @@ def run(cfg: TrainConfig, ctx: StageContext) -> StageResult:
             "a teacher instead (type: distill)", key=f"stages[{ctx.index}].type"))
     model = ctx.model(cfg.model)
     bs = ctx.config.data.eval_batch_size
-    try:
-        history = fit(model, data.train, cfg, batch_size=ctx.config.data.batch_size,
-                      step=cross_entropy_step, device=ctx.device, seed=ctx.seed,
-                      progress=ctx.progress, desc=f"{ctx.name} {cfg.model}",
-                      val=data.val, eval_batch_size=bs, resume=ctx.work_dir / "train.resume.pt")
-    except Diverged as e:
-        raise StageError(ctx.name, str(e)) from None
+    history = fit_stage(ctx, model, cfg, cross_entropy_step, cfg.model, resume="train")
     acc = evaluate(model, data.eval, bs, ctx.device)
     ctx.log(f"{cfg.model} accuracy on {data.eval_name}: {acc:.4f}")
     return StageResult(
