@@ -124,14 +124,13 @@ def _from_teacher(loaded: LoadedPipeline, models: dict[str, nn.Module], role: st
     import copy
 
     from compresskit import structure
-    from compresskit.pipeline import initial_structure
 
     teacher = models.get("teacher")
     if teacher is None:
         return None  # the teacher's own problem is reported
     model = copy.deepcopy(teacher)
     try:
-        structure.apply(model, initial_structure(loaded.config, role)["edits"])
+        structure.apply(model, structure.initial_structure(loaded.config, role)["edits"])
     except ValueError as e:
         problems.append(loaded.problem((*path, "from_teacher"), str(e)))
         return None

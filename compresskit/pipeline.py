@@ -89,23 +89,6 @@ def model_hashes(loaded: LoadedPipeline) -> dict[str, str]:
     return out
 
 
-def _plain(role: str) -> dict[str, Any]:
-    """A model as its own source builds it: no structural edits."""
-    return {"base": role, "edits": []}
-
-
-def initial_structure(cfg: Any, role: str) -> dict[str, Any]:
-    """How a model is first built: from its own source, or (from_teacher) from the teacher
-    with only the chosen layers kept."""
-    from compresskit.structure import layers_edit
-
-    section = cfg.model_sections().get(role)
-    origin = section[1].from_teacher if section is not None else None
-    if origin is None:
-        return _plain(role)
-    return {"base": "teacher", "edits": [layers_edit(origin.path, origin.layers)]}
-
-
 @dataclass
 class StageRecord:
     index: int
@@ -135,6 +118,8 @@ class Runner:
         self._models: dict[str, nn.Module] = {}
         roles = ("teacher", "student", *self.cfg.models)
         self._state: dict[str, str | None] = {role: None for role in roles}
+        from compresskit.structure import initial_structure
+
         self._structure: dict[str, dict[str, Any]] = {role: initial_structure(self.cfg, role)
                                                       for role in roles}
         self._fresh: dict[str, nn.Module] = {}
@@ -347,7 +332,7 @@ class Runner:
     def _adopt(self, manifest: dict[str, Any], weights: bool = True) -> None:
         """Take a cached stage's outputs as the current state; live models reload lazily."""
         for role in manifest.get("updated", []):
-            shape = manifest.get("structure", {}).get(role, _plain(role))
+            shape = manifest.get("structure", {}).get(role, {"base": role, "edits": []})
             if shape != self._structure[role]:
                 self._structure[role] = shape
                 self._models.pop(role, None)

@@ -148,3 +148,18 @@ def apply(model: nn.Module, edits: list[dict[str, Any]]) -> nn.Module:
             else:
                 raise ValueError(f"unknown structural edit '{edit['op']}'")
     return model
+
+
+def plain(role: str) -> dict[str, Any]:
+    """A model as its own source builds it: no structural edits."""
+    return {"base": role, "edits": []}
+
+
+def initial_structure(cfg: Any, role: str) -> dict[str, Any]:
+    """How a model is first built: from its own source, or (from_teacher) from the teacher
+    with only the chosen layers kept."""
+    section = cfg.model_sections().get(role)
+    origin = section[1].from_teacher if section is not None else None
+    if origin is None:
+        return plain(role)
+    return {"base": "teacher", "edits": [layers_edit(origin.path, origin.layers)]}

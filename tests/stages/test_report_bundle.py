@@ -15,8 +15,7 @@ from typer.testing import CliRunner
 
 from compresskit import api
 from compresskit.cli import app
-from compresskit.html_report import pareto
-from compresskit.report import verdicts
+from compresskit.report import pareto, verdicts
 
 ROOT = Path(__file__).resolve().parents[2]
 DIGITS = "models/digits.py"

@@ -1,41 +1,15 @@
-"""report.json (the contract other tools read) and report.md (what people read)."""
+"""report.md (what people read): the verdict, the findings and the tables; report.html renders
+the same sections."""
 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from compresskit import __version__, quality
-from compresskit.artifacts import write_json, write_text
+from compresskit import quality
 from compresskit.ops.latency import fmt_ms
-
-
-def build(name: str, records: list[Any], seconds: float, pipeline: str,
-          task: str = "classify") -> dict[str, Any]:
-    stages, artifacts, benchmarks = [], [], []
-    for r in records:
-        m = r.manifest
-        budget = getattr(r, "time_budget", None)
-        took = m.get("seconds", r.seconds)  # what computing the stage took, cached or not
-        stages.append({
-            "index": r.index, "type": r.type, "name": r.name, "status": r.status,
-            "seconds": r.seconds,
-            "computed_seconds": m.get("seconds"),
-            "time_budget": budget,
-            "over_budget": None if budget is None else bool(took > budget),
-            "params": m.get("params"), "metrics": m.get("metrics", {}),
-        })
-        artifacts += m.get("artifacts", [])
-        benchmarks += m.get("benchmarks", [])
-    return {
-        "name": name, "compresskit_version": __version__, "seconds": seconds,
-        "pipeline": pipeline, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "task": task, "metric": quality.primary(task),
-        "stages": stages, "artifacts": artifacts, "benchmarks": benchmarks,
-    }
 
 
 def _seconds(stage: dict[str, Any]) -> str:
@@ -396,11 +370,3 @@ def markdown(report: dict[str, Any]) -> str:
         parts += [f"## {sec.title}", "", _table(sec.header, sec.rows), ""]
         parts += [*sec.notes, ""] if sec.notes else []
     return "\n".join(parts)
-
-
-def write(run_dir: Path, report: dict[str, Any]) -> None:
-    from compresskit.html_report import html
-
-    write_json(run_dir / "report.json", report)
-    write_text(run_dir / "report.md", markdown(report))
-    write_text(run_dir / "report.html", html(report))

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from compresskit.report import headline, sections, verdicts
+from compresskit.report.text import headline, sections, verdicts
 
 STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1100px;
