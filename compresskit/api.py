@@ -11,6 +11,7 @@ import yaml
 
 from compresskit import report as report_mod
 from compresskit.artifacts import write_text
+from compresskit.backends import quiet_libraries
 from compresskit.loader import LoadedPipeline, load_dict, load_pipeline
 from compresskit.lock import RunLock
 
@@ -55,6 +56,7 @@ def run(pipeline: str | Path | dict[str, Any] | LoadedPipeline,
     from compresskit import distributed as dist
     from compresskit.pipeline import Runner
 
+    quiet_libraries()
     loaded = (pipeline if isinstance(pipeline, LoadedPipeline)
               else load(pipeline, overrides, base_dir))
     cfg = loaded.config

@@ -53,12 +53,18 @@ def run(
     nproc: int = typer.Option(
         None, "--nproc", min=1,
         help="Train with N processes on this machine (launches torchrun for you)."),
+    verbose: bool = typer.Option(
+        False, "--verbose", help="Let torch, NNCF and torchao print their own logs and "
+                                 "progress bars."),
 ) -> None:
     """Run a pipeline; finished stages are cached and skipped on the next run."""
+    import os
     import signal
 
     from compresskit import api, distributed
 
+    if verbose:  # read by every process, torchrun's included
+        os.environ["COMPRESSKIT_VERBOSE"] = "1"
     if nproc and nproc > 1 and not distributed.launched():
         raise typer.Exit(_torchrun(nproc, pipeline, overrides or [], output_dir, force))
     main = distributed.is_main()

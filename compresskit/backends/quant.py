@@ -10,11 +10,14 @@ onnxruntime actually optimised.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
+import os
 import re
 import tempfile
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,7 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
+from compresskit.backends import quiet_libraries, verbose
 from compresskit.backends.onnx_graph import node_macs
 from compresskit.inputs import call
 
@@ -108,12 +112,23 @@ class _Top(nn.Module):
 def _nncf() -> Any:
     """nncf, with room for its first-use compile of a torch extension (about 50 s on 2 idle
     cores): its own 60 s limit fails QAT on a busy or slow machine."""
-    import os
 
     os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "300")
     import nncf
 
+    quiet_libraries()  # importing nncf sets its logger to INFO
     return nncf
+
+
+@contextlib.contextmanager
+def _quietly() -> Iterator[None]:
+    """NNCF draws its own rich progress bars on stdout; they are not our users' business
+    unless they ask (`compresskit run --verbose`)."""
+    if verbose():
+        yield
+        return
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
 
 
 def nncf_quantize(model: nn.Module, batches: list[torch.Tensor], *, preset: str,
@@ -134,22 +149,23 @@ def nncf_quantize(model: nn.Module, batches: list[torch.Tensor], *, preset: str,
     # what only feeds masks and positions alone (BERT's integer attention-mask arithmetic).
     transformer = any(isinstance(m, nn.LayerNorm) for m in model.modules())
     try:
-        return nncf.quantize(
-            model, nncf.Dataset(batches), subset_size=len(batches),  # items: batches
-            model_type=nncf.ModelType.TRANSFORMER if transformer else None,
-            preset=nncf.QuantizationPreset.MIXED if preset == "mixed"
-            else nncf.QuantizationPreset.PERFORMANCE,
-            ignored_scope=scope, target_device=nncf.TargetDevice.CPU,
-            advanced_parameters=AdvancedQuantizationParameters(
-                overflow_fix=OverflowFix.ENABLE if overflow_fix else OverflowFix.DISABLE,
-                # NNCF's CPU default is already per-channel weights; naming it explicitly
-                # breaks its LayerNorm handling ("shape '[64]' is invalid for input of size
-                # 1", shared/facts.md), so only per-tensor is spelt out.
-                weights_quantization_params=None if per_channel
-                else QuantizationParameters(per_channel=False),
-                # onnxruntime's QLinearConv takes one input scale: NNCF would otherwise give
-                # depthwise convolutions per-channel input quantizers, left float.
-                activations_quantization_params=QuantizationParameters(per_channel=False)))
+        with _quietly():  # NNCF's own progress bars, unless --verbose
+            return nncf.quantize(
+                model, nncf.Dataset(batches), subset_size=len(batches),  # items: batches
+                model_type=nncf.ModelType.TRANSFORMER if transformer else None,
+                preset=nncf.QuantizationPreset.MIXED if preset == "mixed"
+                else nncf.QuantizationPreset.PERFORMANCE,
+                ignored_scope=scope, target_device=nncf.TargetDevice.CPU,
+                advanced_parameters=AdvancedQuantizationParameters(
+                    overflow_fix=OverflowFix.ENABLE if overflow_fix else OverflowFix.DISABLE,
+                    # NNCF's CPU default is already per-channel weights; naming it explicitly
+                    # breaks its LayerNorm handling ("shape '[64]' is invalid for input of size
+                    # 1", shared/facts.md), so only per-tensor is spelt out.
+                    weights_quantization_params=None if per_channel
+                    else QuantizationParameters(per_channel=False),
+                    # onnxruntime's QLinearConv takes one input scale: NNCF would otherwise give
+                    # depthwise convolutions per-channel input quantizers, left float.
+                    activations_quantization_params=QuantizationParameters(per_channel=False)))
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise QuantError(f"NNCF could not quantize the model ({type(e).__name__}: {first}). If "

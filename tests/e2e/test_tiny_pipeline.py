@@ -152,3 +152,21 @@ def test_changing_the_student_does_not_retrain_the_teacher(first_run, tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "w" / "report.json").read_text())
     assert [s["status"] for s in report["stages"]] == ["cached", "done", "done", "done"]
+
+
+def test_third_party_logs_stay_out_of_the_terminal_unless_verbose(tmp_path):
+    """NNCF's INFO lines and progress bars, torchao's 'Failed to load' and torch's pytree
+    deprecation warnings are not our users' business; --verbose lets them through."""
+    workspace_with_models(tmp_path)
+    qat = "  - {type: qat, epochs: 1, lr: 0.0001, calibration_samples: 64}\n"
+    (tmp_path / "pipe.yaml").write_text(TINY.replace("  - {type: export}\n", qat)
+                                        .replace("  - {type: benchmark", "  # "))
+    quiet = cli("run", "pipe.yaml", "-o", "quiet", cwd=tmp_path)
+    assert quiet.returncode == 0, quiet.stderr
+    shown = quiet.stdout + quiet.stderr
+    for noise in ("INFO:nncf", "Statistics collection", "Fast Bias correction",
+                  "Failed to load", "_pytree"):
+        assert noise not in shown, noise
+    loud = cli("run", "pipe.yaml", "-o", "loud", "--verbose", cwd=tmp_path)
+    assert loud.returncode == 0, loud.stderr
+    assert "Statistics collection" in loud.stdout + loud.stderr
