@@ -116,10 +116,13 @@ def _torchrun(nproc: int, pipeline: Path, overrides: list[str], output_dir: Path
 
 
 def _summary(report: dict[str, Any]) -> None:
+    """What a run leaves in the terminal: the stages, one comparison per target, the verdict.
+    At most 100 columns; the findings and every figure are in report.md."""
     from compresskit.ops.latency import fmt_ms
     from compresskit.quality import LABELS, METRICS
-    from compresskit.report import headline, verdicts
+    from compresskit.report import verdicts
 
+    narrow = Console(highlight=False, width=min(out.width, 100))
     metrics = METRICS[report.get("task", "classify")]
     t = Table(title=f"{report['name']}: {report['seconds']:.1f} s", title_justify="left")
     for col in ("stage", "status", "seconds", "params", *(LABELS[m] for m in metrics)):
@@ -129,29 +132,38 @@ def _summary(report: dict[str, Any]) -> None:
         t.add_row(f"{s['index']:02d}-{s['type']}", s["status"], f"{s['seconds']:.1f}",
                   f"{s['params']:,}" if s["params"] else "-",
                   *(f"{v:.4f}" if isinstance(v, float) else "-" for v in values))
-    out.print(t)
-    if report["benchmarks"]:
-        lengths = any(row.get("length") for row in report["benchmarks"])
-        b = Table(title="onnxruntime, measured on the exported files", title_justify="left")
-        for col in ("artifact", "target", "batch", *(["length"] if lengths else []), "p50",
-                    "p90", "p99", "per s", "peak MB", *(LABELS[m] for m in metrics)):
-            b.add_column(col, justify="left" if col in ("artifact", "target") else "right",
-                         no_wrap=True, min_width=12 if col == "artifact" else None)
-        for row in report["benchmarks"]:
-            lat = row["latency_ms"]
-            mem = row["peak_rss_mb"]
-            b.add_row(Path(row["artifact"]).name.removesuffix(".onnx"), row["target"],
-                      str(row["batch_size"]),
-                      *([str(row.get("length") or "-")] if lengths else []),
-                      fmt_ms(lat["p50"]), fmt_ms(lat["p90"]), fmt_ms(lat["p99"]),
-                      f"{row['throughput_per_s']:.0f}", "-" if mem is None else f"{mem:.1f}",
-                      *(f"{row[m]:.4f}" for m in metrics))
-        out.print(b)
-    for line in headline(report):
-        out.print(line)
+    narrow.print(t)
+    metric = metrics[0]
+    for target in dict.fromkeys(b["target"] for b in report["benchmarks"]):
+        rows = [b for b in report["benchmarks"] if b["target"] == target]
+        bs = min(b["batch_size"] for b in rows)
+        longest = max((b.get("length") or 0) for b in rows)
+        rows = [b for b in rows if b["batch_size"] == bs and (b.get("length") or 0) == longest]
+        ref = next((b for b in rows if b.get("model") == "teacher"
+                    and b.get("precision") == "fp32"), rows[0])
+        at = f"batch {bs}" + (f", length {longest}" if longest else "")
+        c = Table(title=f"{target}, {at}: against {Path(ref['artifact']).name}",
+                  title_justify="left")
+        change = "points" if metric == "accuracy" else "change"
+        for col in ("file", "p50", "speed-up", f"{LABELS[metric]}", change, "size"):
+            c.add_column(col, justify="left" if col == "file" else "right", no_wrap=True)
+        for b in rows:
+            delta = b[metric] - ref[metric]
+            c.add_row(Path(b["artifact"]).name, fmt_ms(b["latency_ms"]["p50"]),
+                      f"{ref['latency_ms']['p50'] / b['latency_ms']['p50']:.2f}x",
+                      f"{b[metric]:.4f}",
+                      f"{100 * delta:+.1f}" if metric == "accuracy" else f"{delta:+.4f}",
+                      _size(b.get("bytes") or b.get("file_bytes")))
+        narrow.print(c)
     for line in verdicts(report):
-        out.print(f"[bold]{line}[/bold]")
+        narrow.print(f"[bold]{line}[/bold]")
     out.print(f"report: {Path(report['run_dir']) / 'report.md'} (and report.html)")
+
+
+def _size(n: int | None) -> str:
+    if not n:
+        return "-"
+    return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
 
 
 @app.command()

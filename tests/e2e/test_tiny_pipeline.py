@@ -53,6 +53,15 @@ def test_run_writes_the_report_contract(first_run):
     assert "00-train" in result.stderr and "report:" in result.stdout
 
 
+def test_the_terminal_shows_stages_one_comparison_per_target_and_the_verdict(first_run):
+    _, result = first_run
+    lines = result.stdout.splitlines()
+    assert all(len(line) <= 100 for line in lines[:-1]), max(lines, key=len)  # last: the path
+    assert any(line.startswith("cpu, batch 1: against teacher.fp32.onnx") for line in lines)
+    assert any("speed-up" in line and "points" in line for line in lines)
+    assert sum(line.startswith("cpu: ship ") for line in lines) == 1
+
+
 def test_second_run_is_all_cached(first_run):
     tmp, _ = first_run
     run = tmp / "runs" / "tiny"
