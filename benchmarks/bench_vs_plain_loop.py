@@ -2,7 +2,7 @@
 
 Exports models/resnet.py (random weights; timing does not depend on them) and, in alternating
 rounds, measures its batch-1 median latency twice on the same settings (cpu target, one thread,
-sequential executor, ORT_ENABLE_ALL): with compresskit.bench (the code behind `compresskit
+sequential executor, ORT_ENABLE_ALL): with compresskit.measure.bench (the code behind `compresskit
 bench` and the benchmark stage: cold start apart, warm-up, interleaved rounds) and with a
 ten-line loop of time.perf_counter() around session.run. Prints each round's two medians, their
 ratio, and the median ratio over rounds; the acceptance bound is 10%.
@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from compresskit import bench  # noqa: E402
 from compresskit.backends.onnx_export import export_onnx  # noqa: E402
-from compresskit.targets import Target  # noqa: E402
+from compresskit.measure.targets import Target  # noqa: E402
 from models.resnet import resnet  # noqa: E402
 
 

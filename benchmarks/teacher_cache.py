@@ -2,7 +2,7 @@
 
 A width-48 ResNet teacher (237M MACs per image) distils a width-8 ResNet student on the
 3x32x32 digits (`digits_rgb32`, 1,293 training images), one epoch at a time, with the library's
-own training loop and loss (compresskit.objective), once with the teacher run on every batch and
+own training loop and loss (distill/objective.py), once with the teacher run on every batch and
 once with its logits read from the memory-mapped cache. The two variants alternate, so machine
 noise hits both alike; medians and the median of paired ratios are printed. The one-off cost of
 building the cache (one teacher pass over the split) is printed apart. Weights are random: the
@@ -28,10 +28,10 @@ sys.path.insert(0, str(ROOT))
 from compresskit.backends.onnx_export import export_onnx  # noqa: E402
 from compresskit.backends.onnx_graph import total_macs  # noqa: E402
 from compresskit.config import DistillConfig  # noqa: E402
-from compresskit.data import digits_rgb32  # noqa: E402
-from compresskit.objective import Distiller, Objective, Teacher  # noqa: E402
-from compresskit.teacher import TeacherOutputs, data_digest  # noqa: E402
-from compresskit.training import fit  # noqa: E402
+from compresskit.data.sources import digits_rgb32  # noqa: E402
+from compresskit.distill.objective import Distiller, Objective, Teacher  # noqa: E402
+from compresskit.distill.teacher_cache import TeacherOutputs, data_digest  # noqa: E402
+from compresskit.train.loop import fit  # noqa: E402
 from models.resnet import resnet  # noqa: E402
 
 

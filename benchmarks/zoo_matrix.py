@@ -86,7 +86,6 @@ def teachers(out: Path, samples: tuple[int, int] = (320, 160),
              epochs: int = 6) -> dict[str, Path]:
     """Train the image and the token teacher once; later runs reuse them (stage cache)."""
     from compresskit import api
-
     found = {}
     for task, (cls, _, inputs) in TEACHERS.items():
         report = api.run({

@@ -10,10 +10,10 @@ from typing import Any
 import yaml
 
 from compresskit import report as report_mod
-from compresskit.artifacts import write_text
 from compresskit.backends import quiet_libraries
-from compresskit.loader import LoadedPipeline, load_dict, load_pipeline
-from compresskit.lock import RunLock
+from compresskit.engine.artifacts import write_text
+from compresskit.engine.loader import LoadedPipeline, load_dict, load_pipeline
+from compresskit.engine.lock import RunLock
 
 
 def load(pipeline: str | Path | dict[str, Any], overrides: list[str] | tuple[str, ...] = (),
@@ -29,7 +29,7 @@ def validate(pipeline: str | Path | dict[str, Any], overrides: list[str] | tuple
     one dry forward pass (imports torch). `base_dir` resolves a dict pipeline's sources."""
     loaded = load(pipeline, overrides, base_dir)
     if deep:
-        from compresskit.checks import deep_check
+        from compresskit.engine.checks import deep_check
 
         deep_check(loaded)
     return loaded
@@ -53,8 +53,8 @@ def run(pipeline: str | Path | dict[str, Any] | LoadedPipeline,
         TimeRemainingColumn,
     )
 
-    from compresskit import distributed as dist
-    from compresskit.pipeline import Runner
+    from compresskit.engine import distributed as dist
+    from compresskit.engine.runner import Runner
 
     quiet_libraries()
     loaded = (pipeline if isinstance(pipeline, LoadedPipeline)

@@ -61,8 +61,8 @@ def run(
     import os
     import signal
 
-    from compresskit import api, distributed
-
+    from compresskit import api
+    from compresskit.engine import distributed
     if verbose:  # read by every process, torchrun's included
         os.environ["COMPRESSKIT_VERBOSE"] = "1"
     if nproc and nproc > 1 and not distributed.launched():
@@ -118,8 +118,8 @@ def _torchrun(nproc: int, pipeline: Path, overrides: list[str], output_dir: Path
 def _summary(report: dict[str, Any]) -> None:
     """What a run leaves in the terminal: the stages, one comparison per target, the verdict.
     At most 100 columns; the findings and every figure are in report.md."""
+    from compresskit.measure.quality import LABELS, METRICS
     from compresskit.ops.latency import fmt_ms
-    from compresskit.quality import LABELS, METRICS
     from compresskit.report import verdicts
 
     narrow = Console(highlight=False, width=min(out.width, 100))
@@ -175,7 +175,6 @@ def validate(
 ) -> None:
     """Check a pipeline file: schema, stage order, sources, checkpoints, input shape."""
     from compresskit import api
-
     try:
         loaded = api.validate(pipeline, overrides or [], deep=not schema_only)
     except ConfigError as e:
@@ -219,9 +218,9 @@ def bench(
 ) -> None:
     """Time ONNX files with onnxruntime on a target: cold start, p50/p90/p95/p99, throughput,
     peak memory. A target defined with ssh: or command: is measured on that device."""
-    from compresskit import bench as bench_mod
+    from compresskit.measure import bench as bench_mod
+    from compresskit.measure.targets import TARGETS, resolve
     from compresskit.registry import did_you_mean
-    from compresskit.targets import TARGETS, resolve
 
     if any(b < 1 for b in batch_size):
         _bad_input(f"--batch-size must be at least 1, got {min(batch_size)}")
@@ -274,7 +273,7 @@ def bench(
 def report(run_dir: Path = typer.Argument(..., help="A run folder holding report.json.")) -> None:
     """Rebuild report.md and report.html of a run from its report.json."""
     from compresskit import report as report_mod
-    from compresskit.artifacts import read_json
+    from compresskit.engine.artifacts import read_json
 
     data = read_json(run_dir / "report.json")
     if not isinstance(data, dict) or "stages" not in data:
@@ -297,8 +296,8 @@ def list_things(what: str = typer.Argument(
         "", help="Only one list: stages, data or targets.")) -> None:
     """List stage types, built-in data sources and benchmark targets."""
     from compresskit.config import STAGE_CONFIGS
-    from compresskit.data import DATASETS
-    from compresskit.targets import TARGETS
+    from compresskit.data.sources import DATASETS
+    from compresskit.measure.targets import TARGETS
 
     def first_sentence(doc: str | None) -> str:
         text = " ".join((doc or "").split())

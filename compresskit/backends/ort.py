@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from compresskit import inputs
 from compresskit.backends import device_runner
-from compresskit.targets import Target
+from compresskit.measure.targets import Target
+from compresskit.models import inputs
 
 NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,

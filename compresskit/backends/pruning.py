@@ -16,7 +16,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from compresskit.inputs import call
+from compresskit.models.inputs import call
 
 HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads")
 QKV_NAMES = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("q_lin", "k_lin", "v_lin"),

@@ -29,7 +29,7 @@ from torch import nn
 
 from compresskit.backends import quiet_libraries, verbose
 from compresskit.backends.onnx_graph import node_macs
-from compresskit.inputs import call
+from compresskit.models.inputs import call
 
 INTEGER_OPS = {"QLinearConv": 3, "QGemm": 3, "QLinearMatMul": 3, "MatMulInteger": 1,
                "ConvInteger": 1, "DynamicQuantizeMatMul": 1, "MatMulIntegerToFloat": 1}
@@ -68,7 +68,7 @@ def fold_batchnorm(model: nn.Module, example: Any) -> list[str]:
     finally:
         for h in hooks:
             h.remove()
-    from compresskit.structure import get_module, set_module
+    from compresskit.models.structure import get_module, set_module
 
     folded = []
     for conv_name, bn_name in dict.fromkeys(pairs):
@@ -513,8 +513,7 @@ def _observe(model: onnx.ModelProto, tensors: list[str],
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from compresskit import inputs
-
+    from compresskit.models import inputs
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     known = {o.name for o in probe.graph.output}
@@ -698,8 +697,7 @@ def ptq(fp32: Path, out: Path, batches: list[Any], *, per_channel: bool,
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from compresskit import inputs
-
+    from compresskit.models import inputs
     names = [i.name for i in onnx.load(str(fp32)).graph.input]
 
     class Reader(CalibrationDataReader):

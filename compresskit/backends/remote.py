@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from compresskit.artifacts import sha256_file
 from compresskit.backends import device_runner
+from compresskit.engine.artifacts import sha256_file
 
 BOOT = ("import os,sys,tarfile,runpy;w=os.path.expanduser(sys.argv[1]);"
         "os.makedirs(w,exist_ok=True);t=tarfile.open(fileobj=sys.stdin.buffer,mode='r|');"

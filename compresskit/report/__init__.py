@@ -7,8 +7,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from compresskit import __version__, quality
-from compresskit.artifacts import write_json, write_text
+from compresskit import __version__
+from compresskit.engine.artifacts import write_json, write_text
+from compresskit.measure import quality
 from compresskit.report.html import html, pareto
 from compresskit.report.text import device_line, headline, markdown, sections, tied, verdicts
 

@@ -65,8 +65,7 @@ def plots(report: dict[str, Any]) -> list[tuple[str, str]]:
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    from compresskit import quality
-
+    from compresskit.measure import quality
     out = []
     metric = str(report.get("metric", "accuracy"))
     label = quality.LABELS.get(metric, metric)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from compresskit import quality
+from compresskit.measure import quality
 from compresskit.ops.latency import fmt_ms
 
 

@@ -1,26 +1,28 @@
 """`benchmark`: latency, cold start, throughput, peak memory and accuracy of every exported
-artifact, measured with onnxruntime on each target (compresskit.bench). Accuracy is that of the
-file as the target runs it (ORT format on edge), on the evaluation split."""
+artifact, measured with onnxruntime on each target (compresskit.measure.bench). Accuracy is that
+of the file as the target runs it (ORT format on edge; a remote device's own outputs), on the
+evaluation split."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from compresskit import bench, inputs, measure, quality
 from compresskit.backends import ort as ort_backend
 from compresskit.backends import remote
 from compresskit.config import BenchmarkConfig
-from compresskit.context import StageContext, StageResult
+from compresskit.engine.context import StageContext, StageResult
 from compresskit.errors import StageError
+from compresskit.measure import bench, profile, quality
+from compresskit.measure.targets import resolve
+from compresskit.models import inputs
 from compresskit.ops.latency import fmt_ms
-from compresskit.targets import resolve
 
 
 def run(cfg: BenchmarkConfig, ctx: StageContext) -> StageResult:
     # The teacher's FP32 file first: it is the reference each speedup is measured against.
     artifacts = sorted((a for a in ctx.artifacts if a.get("format") == "onnx"),
                        key=lambda a: (a.get("model") != "teacher", a.get("precision") != "fp32"))
-    x, y = measure.eval_arrays(ctx)
+    x, y = profile.eval_arrays(ctx)
     settings = bench.Settings(batch_sizes=tuple(cfg.batch_sizes), threads=cfg.threads,
                               warmup=cfg.warmup, runs=cfg.runs, seconds=cfg.seconds,
                               memory=cfg.memory)
@@ -65,14 +67,14 @@ def run(cfg: BenchmarkConfig, ctx: StageContext) -> StageResult:
         except (ort_backend.ModelFileError, ort_backend.FeedError) as e:
             raise StageError(ctx.name, f"target {name}: {e}") from None
         if target.remote is not None:
-            scores = {path: measure.score(ctx, out, y) for path, out in outputs.items()}
+            scores = {path: profile.score(ctx, out, y) for path, out in outputs.items()}
         else:
             threads = cfg.threads or target.resolved_threads()
             with ort_backend.pinned(target):
                 scores = {}
                 for a in artifacts:
                     sess = ort_backend.session(files[a["path"]], target, threads, work)
-                    scores[a["path"]] = measure.score(ctx, ort_backend.predict(
+                    scores[a["path"]] = profile.score(ctx, ort_backend.predict(
                         sess, x, ctx.config.data.eval_batch_size), y)
         for row in measured:
             a = next(a for a in artifacts if a["path"] == row["artifact"])

@@ -14,20 +14,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from compresskit import measure, quality
-from compresskit import teacher as teacher_outputs
 from compresskit.config import DistillConfig
-from compresskit.context import StageContext, StageResult
-from compresskit.diagnostics import capacity_warning, diagnostics
+from compresskit.distill import teacher_cache as teacher_outputs
+from compresskit.distill.diagnostics import capacity_warning, diagnostics
+from compresskit.distill.objective import Distiller, Objective, Teacher, problems, requested_modules
+from compresskit.distill.teacher_cache import TeacherOutputs
+from compresskit.engine.context import StageContext, StageResult
+from compresskit.engine.loader import format_path
 from compresskit.errors import ConfigError, Problem
-from compresskit.inputs import call, to
-from compresskit.loader import format_path
-from compresskit.measure import snapshot
-from compresskit.modelio import count_params, example_input
-from compresskit.objective import Distiller, Objective, Teacher, problems, requested_modules
+from compresskit.measure import profile, quality
+from compresskit.measure.profile import snapshot
+from compresskit.models.inputs import call, to
+from compresskit.models.loading import count_params, example_input
 from compresskit.ops import kd
-from compresskit.teacher import TeacherOutputs
-from compresskit.training import (
+from compresskit.train.loop import (
     Batch,
     cross_entropy_step,
     evaluate,
@@ -83,8 +83,8 @@ def run(cfg: DistillConfig, ctx: StageContext) -> StageResult:
 def _scores(ctx: StageContext, model: nn.Module) -> dict[str, float]:
     """The task's metrics of a torch model on the evaluation split."""
     if ctx.config.task == "embed":
-        x, reference = measure.eval_arrays(ctx)
-        return measure.score(ctx, measure.predict_torch(
+        x, reference = profile.eval_arrays(ctx)
+        return profile.score(ctx, profile.predict_torch(
             model, x, ctx.config.data.eval_batch_size), reference)
     return {"accuracy": evaluate(model, ctx.data().eval, ctx.config.data.eval_batch_size,
                                  ctx.device)}

@@ -9,8 +9,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from compresskit import bundle, inputs, quality
-from compresskit.artifacts import atomic_path, sha256_file
 from compresskit.backends import ort as ort_backend
 from compresskit.backends.onnx_export import (
     OUTPUT_NAME,
@@ -19,15 +17,19 @@ from compresskit.backends.onnx_export import (
     export_onnx,
 )
 from compresskit.config import ExportConfig
-from compresskit.context import StageContext, StageResult
-from compresskit.data import describe_source
+from compresskit.data.sources import describe_source
+from compresskit.engine.artifacts import atomic_path, sha256_file
+from compresskit.engine.context import StageContext, StageResult
 from compresskit.errors import StageError
-from compresskit.measure import eval_arrays
-from compresskit.targets import TARGETS
+from compresskit.measure import quality
+from compresskit.measure.profile import eval_arrays
+from compresskit.measure.targets import TARGETS
+from compresskit.models import inputs
+from compresskit.report import bundle
 
 
 def eval_inputs(ctx: StageContext, n: int) -> Any:
-    from compresskit.training import unpack
+    from compresskit.train.loop import unpack
 
     ds = ctx.data().eval
     n = min(n, len(ds))  # type: ignore[arg-type]  # map-style, checked by data.load_data

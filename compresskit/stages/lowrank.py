@@ -12,12 +12,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from compresskit import structure
 from compresskit.config import LowRankConfig
-from compresskit.context import StageContext, StageResult
-from compresskit.inputs import call
+from compresskit.engine.context import StageContext, StageResult
+from compresskit.models import structure
+from compresskit.models.inputs import call
 from compresskit.ops import lowrank as lr
-from compresskit.stages.shrink import Shrink
+from compresskit.stages._shrink import Shrink
 
 
 def choose_rank(layer: nn.Module, cfg: LowRankConfig) -> tuple[int | None, str, float]:

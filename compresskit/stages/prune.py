@@ -12,19 +12,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from compresskit import structure
 from compresskit.backends import pruning
 from compresskit.config import PruneConfig
-from compresskit.context import StageContext, StageResult
+from compresskit.engine.context import StageContext, StageResult
 from compresskit.errors import StageError
-from compresskit.inputs import as_tensors, call
-from compresskit.stages.shrink import Shrink, first_and_last
+from compresskit.models import structure
+from compresskit.models.inputs import as_tensors, call
+from compresskit.stages._shrink import Shrink, first_and_last
 
 
 def _taylor_gradients(model: nn.Module, ctx: StageContext, batches: int) -> None:
     """Gradients of the cross-entropy on the first training batches, for Taylor importance;
     on unlabelled data, against the model's own top-1 predictions."""
-    from compresskit.training import loader, unpack
+    from compresskit.train.loop import loader, unpack
 
     model.train().zero_grad()
     for i, sample in enumerate(loader(ctx.data().train, ctx.config.data.batch_size,

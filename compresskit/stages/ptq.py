@@ -6,12 +6,13 @@ combination onnxruntime fuses into integer kernels on x86 without VNNI (shared/f
 
 from __future__ import annotations
 
-from compresskit import inputs, measure
 from compresskit.backends import quant
 from compresskit.config import PtqConfig
-from compresskit.context import StageContext, StageResult
+from compresskit.engine.context import StageContext, StageResult
 from compresskit.errors import StageError
-from compresskit.stages.int8 import calibration, onnx_logits, publish
+from compresskit.measure import profile
+from compresskit.models import inputs
+from compresskit.stages._int8 import calibration, onnx_logits, publish
 
 
 def run(cfg: PtqConfig, ctx: StageContext) -> StageResult:
@@ -21,7 +22,7 @@ def run(cfg: PtqConfig, ctx: StageContext) -> StageResult:
         raise StageError(ctx.name, f"no FP32 ONNX of the {cfg.model} was exported before this "
                                    f"stage; add '{cfg.model}' to the export stage's models")
     fp32 = ctx.run_dir / source["path"]
-    x, y = measure.eval_arrays(ctx)
+    x, y = profile.eval_arrays(ctx)
     batches = [] if cfg.dynamic else [inputs.numpy(b, [i.dtype for i in ctx.config.inputs])
                                       for b in calibration(ctx, cfg.calibration_samples)]
     staged = ctx.work_dir / f"{cfg.model}.ptq.int8.onnx"
@@ -36,7 +37,7 @@ def run(cfg: PtqConfig, ctx: StageContext) -> StageResult:
     metrics, artifact = publish(
         ctx, cfg, staged, f"artifacts/{cfg.model}.ptq.int8.onnx", fp32, x, y,
         {"method": "ptq", "dynamic": cfg.dynamic,
-         **{f"fp32_{k}": v for k, v in measure.score(ctx, reference, y).items()},
+         **{f"fp32_{k}": v for k, v in profile.score(ctx, reference, y).items()},
          "eval_split": ctx.data().eval_name},
         reference=reference)
     artifact["model"] = cfg.model

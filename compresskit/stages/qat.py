@@ -18,16 +18,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from compresskit import distributed as dist
-from compresskit import inputs, measure, quality
 from compresskit.backends import quant
 from compresskit.backends.onnx_export import ExportError, export_onnx
 from compresskit.backends.ort import ModelFileError
 from compresskit.config import QatConfig
-from compresskit.context import StageContext, StageResult
+from compresskit.engine import distributed as dist
+from compresskit.engine.context import StageContext, StageResult
 from compresskit.errors import StageError
-from compresskit.modelio import example_input
-from compresskit.stages.int8 import (
+from compresskit.measure import profile, quality
+from compresskit.models import inputs
+from compresskit.models.loading import example_input
+from compresskit.stages._int8 import (
     agreement,
     agrees,
     calibration,
@@ -35,11 +36,11 @@ from compresskit.stages.int8 import (
     publish,
     shown,
 )
-from compresskit.stages.shrink import fine_tune, matching
+from compresskit.stages._shrink import fine_tune, matching
 
 
 def run(cfg: QatConfig, ctx: StageContext) -> StageResult:
-    x, y = measure.eval_arrays(ctx)
+    x, y = profile.eval_arrays(ctx)
     student = copy.deepcopy(ctx.model(cfg.model)).cpu().eval()
     if dist.is_main():
         matching(cfg.ignore, student, ctx)  # warns about patterns that match nothing
@@ -70,7 +71,7 @@ def _write(cfg: QatConfig, ctx: StageContext, model: torch.nn.Module, x: Any, y:
     work = ctx.work_dir
     fp32_path = work / f"{cfg.model}.fp32.onnx"
     try:
-        fp32 = measure.profile(copy.deepcopy(ctx.model(cfg.model)).cpu().eval(), fp32_path,
+        fp32 = profile.profile(copy.deepcopy(ctx.model(cfg.model)).cpu().eval(), fp32_path,
                                x, y, cfg.opset, task=ctx.config.task, specs=ctx.config.inputs)
     except ExportError as e:
         raise StageError(ctx.name, f"the FP32 {cfg.model} cannot be exported: {e}") from None

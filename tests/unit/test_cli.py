@@ -80,6 +80,5 @@ def test_run_missing_file_exit_2():
 
 def test_version():
     from compresskit import __version__
-
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0 and __version__ in result.output

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from compresskit.engine.loader import load_pipeline
 from compresskit.errors import ConfigError
-from compresskit.loader import load_pipeline
 from tests.conftest import TINY
 
 

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from compresskit import inputs, quality
 from compresskit.config import InputConfig
+from compresskit.measure import quality
+from compresskit.models import inputs
 
 
 def test_cosine_and_nearest_neighbour_agreement() -> None:
@@ -52,7 +53,7 @@ def test_entry_picks_and_pools_outputs() -> None:
     from torch import nn
 
     from compresskit.config import OutputConfig
-    from compresskit.modelio import Entry, ModelError, select
+    from compresskit.models.loading import Entry, ModelError, select
 
     class Tokens(nn.Module):
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple:

@@ -1,4 +1,4 @@
-"""Structural edits replay exactly on a freshly built model (compresskit/structure.py)."""
+"""Structural edits replay exactly on a freshly built model (compresskit/models/structure.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import torch
 import torch_pruning as tp
 
-from compresskit import structure
+from compresskit.models import structure
 from compresskit.ops.lowrank import factorize_linear
 from tests.fixtures.tiny_models import Residual, Transformer
 

@@ -12,10 +12,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from compresskit import distributed as dist
 from compresskit.config import TrainingOptions
-from compresskit.inputs import as_tensors, call, to
-from compresskit.inputs import count as count_of
+from compresskit.engine import distributed as dist
+from compresskit.models.inputs import as_tensors, call, to
+from compresskit.models.inputs import count as count_of
 
 
 @dataclass
@@ -24,7 +24,7 @@ class Batch:
     indices in the split (what the teacher-output cache is looked up by)."""
 
     x: Any
-    """A tensor, or a tuple of tensors for a model with several inputs (compresskit.inputs)."""
+    """A tensor, or a tuple of tensors for a model with several inputs (models/inputs.py)."""
     y: torch.Tensor | None
     index: torch.Tensor
 
@@ -118,7 +118,7 @@ def evaluate(model: nn.Module, ds: Dataset, batch_size: int, device: torch.devic
 
 def _save_resume(path: Path, epoch: int, model: nn.Module, opt: torch.optim.Optimizer,
                  sched: Any, gen: torch.Generator, history: dict[str, list[float]]) -> None:
-    from compresskit.artifacts import atomic_path
+    from compresskit.engine.artifacts import atomic_path
 
     state = {"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
              "schedule": sched.state_dict(), "generator": gen.get_state(),

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from compresskit.measure.targets import Target
 from compresskit.ops.latency import fmt_ms, median_ratio, summarize
-from compresskit.targets import Target
 
 if TYPE_CHECKING:
     import numpy as np
@@ -98,7 +98,7 @@ def measure_remote(files: dict[str, Path], target: Target, settings: Settings,
     `eval_x`, also each file's outputs on it as the device computes them."""
     from compresskit.backends import ort as backend
     from compresskit.backends import remote
-    from compresskit.targets import TARGETS
+    from compresskit.measure.targets import TARGETS
 
     assert target.remote is not None
     paths = {k: backend.to_ort_format(p, work) if target.ort_format else p

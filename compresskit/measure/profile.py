@@ -14,25 +14,26 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from compresskit import inputs, quality
 from compresskit.backends import ort as ort_backend
 from compresskit.backends.onnx_export import check_model, export_onnx
 from compresskit.backends.onnx_graph import total_macs
-from compresskit.modelio import count_params
+from compresskit.measure import quality
+from compresskit.measure.targets import TARGETS
+from compresskit.models import inputs
+from compresskit.models.loading import count_params
 from compresskit.ops.latency import median_ratio, summarize
-from compresskit.targets import TARGETS
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from compresskit.context import StageContext
+    from compresskit.engine.context import StageContext
 
 
 def eval_arrays(ctx: StageContext) -> tuple[Any, np.ndarray]:
     """The evaluation split as (inputs, target) arrays, inputs in the configured dtypes (a
     tuple for several inputs). The target is the integer labels for task classify, the
     teacher's embeddings of the same samples for task embed."""
-    from compresskit.training import unpack
+    from compresskit.train.loop import unpack
 
     data = ctx.data()
     ds = data.eval
@@ -47,7 +48,7 @@ def eval_arrays(ctx: StageContext) -> tuple[Any, np.ndarray]:
 def teacher_embeddings(ctx: StageContext, x: Any) -> np.ndarray:
     """The teacher's outputs on the evaluation inputs (torch, FP32), computed once per teacher
     weights and kept with the data splits."""
-    from compresskit.teacher import weights_digest
+    from compresskit.distill.teacher_cache import weights_digest
 
     teacher = ctx.model("teacher")
     memo = ctx.data().memo
@@ -127,8 +128,8 @@ def snapshot(model: nn.Module, ctx: StageContext, runs: int = 50) -> dict[str, A
     """What a training stage's result measures as an ONNX file (MACs, FP32 bytes, batch-1
     one-thread p50), for the report's per-stage table; None when it cannot be exported here
     (the export stage then says why) or on ranks other than 0."""
-    from compresskit import distributed as dist
     from compresskit.backends.onnx_export import ExportError
+    from compresskit.engine import distributed as dist
 
     if not dist.is_main():
         return None

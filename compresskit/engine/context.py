@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from compresskit.config import PipelineConfig
-    from compresskit.data import Splits
+    from compresskit.data.sources import Splits
 
 
 @dataclass
@@ -24,7 +24,7 @@ class StageResult:
     params: int | None = None
     structure: dict[str, dict[str, Any]] = field(default_factory=dict)
     """For models whose structure the stage changed: {'base': role whose source builds it,
-    'edits': every structural edit since (compresskit.structure)}."""
+    'edits': every structural edit since (compresskit.models.structure)}."""
     artifacts: list[dict[str, Any]] = field(default_factory=list)
     benchmarks: list[dict[str, Any]] = field(default_factory=list)
     incomplete: str | None = None

@@ -11,22 +11,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from compresskit import measure, quality
-from compresskit.artifacts import atomic_path, sha256_file
 from compresskit.backends import ort as ort_backend
 from compresskit.backends import quant
 from compresskit.backends.onnx_export import ExportError, check_model
 from compresskit.config import Int8Options
-from compresskit.context import StageContext
+from compresskit.engine.artifacts import atomic_path, sha256_file
+from compresskit.engine.context import StageContext
 from compresskit.errors import StageError
+from compresskit.measure import profile, quality
+from compresskit.measure.targets import TARGETS
 from compresskit.ops.latency import fmt_ms
-from compresskit.targets import TARGETS
 
 
 def calibration(ctx: StageContext, samples: int) -> list[torch.Tensor]:
     """The first `samples` training inputs, in batches, in a fixed order."""
-    from compresskit.inputs import as_tensors, count, take
-    from compresskit.training import loader, unpack
+    from compresskit.models.inputs import as_tensors, count, take
+    from compresskit.train.loop import loader, unpack
 
     out, n = [], 0
     for sample in loader(ctx.data().train, ctx.config.data.batch_size, shuffle=False, seed=0):
@@ -108,7 +108,7 @@ def publish(ctx: StageContext, cfg: Int8Options, staged: Path, rel: str, fp32: P
     logits = onnx_logits(staged, x)
     metric = quality.primary(ctx.config.task)
     metrics: dict[str, Any] = {**extra, **{k: coverage[k] for k in (
-        "int8_coverage", "float_nodes", "op_counts")}, **measure.score(ctx, logits, y)}
+        "int8_coverage", "float_nodes", "op_counts")}, **profile.score(ctx, logits, y)}
     if reference is not None:
         parity = metrics["parity"] = agreement(logits, reference, logit_tol)
         if not agrees(parity, logit_tol, min_agreement):
@@ -116,7 +116,7 @@ def publish(ctx: StageContext, cfg: Int8Options, staged: Path, rel: str, fp32: P
                 "onnxruntime's integer kernels disagree with the file's own QDQ graph: "
                 + shown(parity, logit_tol, min_agreement) + ". On CPUs without VNNI keep "
                 "reduce_range: true; nothing was written"))
-    timing = measure.latency({"fp32": fp32, "int8": staged}, x, 100)
+    timing = profile.latency({"fp32": fp32, "int8": staged}, x, 100)
     metrics.update({
         "fp32_bytes": fp32.stat().st_size, "int8_bytes": staged.stat().st_size,
         "size_ratio": round(staged.stat().st_size / fp32.stat().st_size, 4),

@@ -8,15 +8,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from compresskit.modelio import count_params
+from compresskit.models.loading import count_params
 from compresskit.ops import kd
-from compresskit.training import accuracy, predict
+from compresskit.train.loop import accuracy, predict
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from compresskit.context import StageContext
-    from compresskit.objective import Teacher
+    from compresskit.distill.objective import Teacher
+    from compresskit.engine.context import StageContext
 
 OVERCONFIDENT = 0.95
 """Mean top-1 probability at the chosen T above which the soft targets carry little more than

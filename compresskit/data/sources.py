@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 from compresskit.config import DataConfig, InputConfig
 from compresskit.errors import ConfigError, Problem
+from compresskit.models.sources import SourceError, call_user, resolve
 from compresskit.registry import Registry
-from compresskit.sources import SourceError, call_user, resolve
 
 if TYPE_CHECKING:
     from torch.utils.data import Dataset
@@ -134,7 +134,7 @@ def _splits(arrays: list[Any], labels: Any, val_fraction: float, test_fraction: 
 
 
 def _file(path: str, base_dir: Path | None, what: str) -> Path:
-    from compresskit.sources import locate
+    from compresskit.models.sources import locate
 
     return locate(path, base_dir or Path.cwd(), what)
 
@@ -267,8 +267,8 @@ def text(tokenizer: str, path: str | None = None, python: str | None = None,
     e.g. the standard library's pydoc_data.topics:topics)."""
     import numpy as np
 
-    from compresskit import hf
-    from compresskit.sources import resolve_attr
+    from compresskit.models import hf
+    from compresskit.models.sources import resolve_attr
 
     if (path is None) == (python is None):
         raise ValueError("give the text as 'path' (one sentence per line) or 'python' "
@@ -379,7 +379,7 @@ def _check_split(ds: Any, name: str, source: str, specs: list[InputConfig],
                                  "(needs __len__ and __getitem__)")
     if len(ds) == 0:
         raise _problem(cfg_file, f"'{source}' split '{name}' is empty")
-    from compresskit.training import unpack
+    from compresskit.train.loop import unpack
 
     sample = ds[0]
     bad = isinstance(sample, (tuple, list)) and len(sample) not in (1, 2)

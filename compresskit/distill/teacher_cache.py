@@ -24,14 +24,14 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from compresskit import distributed as dist
-from compresskit.artifacts import sha256_file, write_json
 from compresskit.config import TeacherCacheOptions
-from compresskit.context import StageContext
+from compresskit.distill.features import Taps
+from compresskit.engine import distributed as dist
+from compresskit.engine.artifacts import sha256_file, write_json
+from compresskit.engine.context import StageContext
 from compresskit.errors import StageError
-from compresskit.features import Taps
-from compresskit.inputs import as_tensors, call, count, is_multi, to
-from compresskit.training import Batch, loader, unpack
+from compresskit.models.inputs import as_tensors, call, count, is_multi, to
+from compresskit.train.loop import Batch, loader, unpack
 
 LOGITS = "logits"
 

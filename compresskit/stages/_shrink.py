@@ -10,19 +10,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from compresskit import distributed as dist
-from compresskit import measure, quality
-from compresskit import teacher as teacher_outputs
 from compresskit.backends.onnx_export import ExportError
 from compresskit.config import CompressOptions, TrainingOptions
-from compresskit.context import StageContext, StageResult
+from compresskit.distill import teacher_cache as teacher_outputs
+from compresskit.engine import distributed as dist
+from compresskit.engine.context import StageContext, StageResult
 from compresskit.errors import ConfigError, Problem, StageError
-from compresskit.inputs import call
-from compresskit.modelio import example_input
+from compresskit.measure import profile, quality
+from compresskit.models.inputs import call
+from compresskit.models.loading import example_input
 from compresskit.ops.kd import cosine_loss, hinton_loss
 from compresskit.ops.latency import fmt_ms
 from compresskit.registry import closest
-from compresskit.training import Batch, cross_entropy_step, fit_stage, has_labels
+from compresskit.train.loop import Batch, cross_entropy_step, fit_stage, has_labels
 
 
 class Shrink:
@@ -36,7 +36,7 @@ class Shrink:
         self.model: nn.Module = copy.deepcopy(source).cpu().eval()
         self.example = example_input(ctx.config.inputs, batch=1)
         self.teacher = ctx.model("teacher") if ctx.config.teacher is not None else None
-        self.x, self.y = measure.eval_arrays(ctx)
+        self.x, self.y = profile.eval_arrays(ctx)
         self.metric = quality.primary(ctx.config.task)
         # Under torchrun every rank shrinks the same way; rank 0 alone measures, so the others
         # neither slow its latency runs nor repeat work whose numbers are dropped.
@@ -45,7 +45,7 @@ class Shrink:
 
     def _profile(self, label: str) -> dict[str, Any]:
         try:
-            return measure.profile(self.model, self.ctx.work_dir / f"{label}.fp32.onnx",
+            return profile.profile(self.model, self.ctx.work_dir / f"{label}.fp32.onnx",
                                    self.x, self.y, task=self.ctx.config.task,
                                    specs=self.ctx.config.inputs)
         except ExportError as e:
@@ -95,12 +95,12 @@ class Shrink:
                                structure={"student": structure})
         after = self._profile("after")
         work = self.ctx.work_dir
-        timing = measure.latency({"before": work / "before.fp32.onnx",
+        timing = profile.latency({"before": work / "before.fp32.onnx",
                                   "after": work / "after.fp32.onnx"}, self.x, self.cfg.latency_runs)
         for label, record in (("before", self.before), ("after", after)):
             (work / f"{label}.fp32.onnx").unlink(missing_ok=True)
             record["latency_ms"] = timing["p50_ms"][label]
-        change = measure.compare(self.before, after, timing["speedup"]["after"], self.metric)
+        change = profile.compare(self.before, after, timing["speedup"]["after"], self.metric)
         for w in change["warnings"]:
             self.ctx.log(f"[yellow]warning:[/yellow] {w}")
         self.ctx.log(

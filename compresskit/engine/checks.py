@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from compresskit.engine.loader import LoadedPipeline
 from compresskit.errors import ConfigError, Problem
-from compresskit.loader import LoadedPipeline
-from compresskit.sources import SourceError, locate, parse_spec, resolve
+from compresskit.models.sources import SourceError, locate, parse_spec, resolve
 
 if TYPE_CHECKING:
     from torch import nn
@@ -33,8 +33,7 @@ def missing_files(loaded: LoadedPipeline) -> list[Problem]:
     sections: list[tuple[tuple[str, ...], str | None, str | None]] = [
         (("data",), cfg.data.source, None)] + [
         (path, m.source, m.checkpoint) for path, m in cfg.model_sections().values()]
-    from compresskit import hf
-
+    from compresskit.models import hf
     for section, source, checkpoint in sections:
         if source is None:
             continue  # from_teacher
@@ -61,13 +60,13 @@ def deep_check(loaded: LoadedPipeline) -> dict[str, nn.Module]:
     """Build every configured model and run one dry forward pass; return the built models."""
     problems = missing_files(loaded)
     flagged = {p.key.rsplit(".", 1)[0] for p in problems if p.key}
-    from compresskit import modelio
     from compresskit.config import InputConfig
+    from compresskit.models import loading as modelio
 
     cfg = loaded.config
     models: dict[str, nn.Module] = {}
     if "data" not in flagged:  # keys are "data.source", "teacher.source", "models.x.source"
-        from compresskit.data import DATASETS
+        from compresskit.data.sources import DATASETS
 
         try:
             if ":" in cfg.data.source:
@@ -123,8 +122,7 @@ def _from_teacher(loaded: LoadedPipeline, models: dict[str, nn.Module], role: st
     """The student as a copy of the (already built) teacher with the chosen layers kept."""
     import copy
 
-    from compresskit import structure
-
+    from compresskit.models import structure
     teacher = models.get("teacher")
     if teacher is None:
         return None  # the teacher's own problem is reported
@@ -141,8 +139,8 @@ def _distill_problems(loaded: LoadedPipeline, models: dict[str, nn.Module]) -> l
     """Distill stages whose loss terms name modules the models lack, whose teachers disagree
     on the number of classes, or whose feature shapes no adapter can bridge."""
     from compresskit.config import DistillConfig
-    from compresskit.modelio import example_input
-    from compresskit.objective import problems
+    from compresskit.distill.objective import problems
+    from compresskit.models.loading import example_input
 
     out = []
     example = example_input(loaded.config.inputs)

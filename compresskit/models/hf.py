@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from compresskit.sources import SourceError, resolve_path
+from compresskit.models.sources import SourceError, resolve_path
 
 PREFIX = "hf:"
 INSTALL = "pip install 'compresskit[hf]' (or pip install transformers)"

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from compresskit import __version__
-from compresskit.artifacts import sha256_file, write_bytes, write_json, write_text
+from compresskit.engine.artifacts import sha256_file, write_bytes, write_json, write_text
 from compresskit.ops.latency import fmt_ms
 
 PREFERENCE = ("qat+kd", "qat", "ptq")
@@ -79,9 +79,10 @@ def build(run_dir: Path, source: dict[str, Any], work: Path, x: np.ndarray, y: n
     import onnxruntime as ort
     from onnxruntime.tools.ort_format_model.utils import create_config_from_models
 
-    from compresskit import bench, inputs, quality
     from compresskit.backends import ort as backend
-    from compresskit.targets import TARGETS
+    from compresskit.measure import bench, quality
+    from compresskit.measure.targets import TARGETS
+    from compresskit.models import inputs
 
     staged = work / "bundle"
     shutil.rmtree(staged, ignore_errors=True)

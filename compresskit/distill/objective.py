@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 from compresskit.config import DistillConfig, FeatureTerm
-from compresskit.features import FeatureError, Taps, adapter, check_names
-from compresskit.inputs import call, perturb
+from compresskit.distill.features import FeatureError, Taps, adapter, check_names
+from compresskit.distill.teacher_cache import TeacherOutputs, output_key
+from compresskit.models.inputs import call, perturb
 from compresskit.ops import kd
-from compresskit.teacher import TeacherOutputs, output_key
-from compresskit.training import Batch
+from compresskit.train.loop import Batch
 
 
 @dataclass(frozen=True)

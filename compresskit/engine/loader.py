@@ -296,7 +296,7 @@ def validate_data(data: Any, file: str, lines: dict[Path_, int]) -> PipelineConf
 
 
 def _target_problems(cfg: PipelineConfig, file: str, lines: dict[Path_, int]) -> list[Problem]:
-    from compresskit.targets import TARGETS
+    from compresskit.measure.targets import TARGETS
 
     out = []
     known = [*TARGETS, *cfg.targets]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from compresskit.artifacts import sha256_file
+from compresskit.engine.artifacts import sha256_file
 
 
 class SourceError(Exception):

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from compresskit import __version__
-from compresskit import distributed as dist
-from compresskit.artifacts import (
+from compresskit.engine import distributed as dist
+from compresskit.engine.artifacts import (
     MANIFEST,
     DiskFullError,
     inside,
@@ -30,16 +30,16 @@ from compresskit.artifacts import (
     sha256_file,
     write_json,
 )
-from compresskit.checks import deep_check, model_seed
+from compresskit.engine.checks import deep_check, model_seed
+from compresskit.engine.loader import LoadedPipeline
 from compresskit.errors import ConfigError, StageError
-from compresskit.loader import LoadedPipeline
-from compresskit.sources import resolve_path, source_digest
+from compresskit.models.sources import resolve_path, source_digest
 
 if TYPE_CHECKING:
     from rich.console import Console
     from torch import nn
 
-    from compresskit.data import Splits
+    from compresskit.data.sources import Splits
 
 STAGE_DIR = re.compile(r"^\d{2}-[a-z]+$")
 NOT_HASHED = {"checkpoint_every", "cache_teacher", "time_budget"}
@@ -69,8 +69,7 @@ def common_hash(loaded: LoadedPipeline, device: str, world_size: int = 1) -> str
 
 def code_digest(source: str, base_dir: Path) -> str:
     """Hash of what a model source loads: its Python file, or a Hugging Face folder's files."""
-    from compresskit import hf
-
+    from compresskit.models import hf
     return hf.digest(source, base_dir) if hf.is_hf(source) else source_digest(source, base_dir)
 
 
@@ -118,7 +117,7 @@ class Runner:
         self._models: dict[str, nn.Module] = {}
         roles = ("teacher", "student", *self.cfg.models)
         self._state: dict[str, str | None] = {role: None for role in roles}
-        from compresskit.structure import initial_structure
+        from compresskit.models.structure import initial_structure
 
         self._structure: dict[str, dict[str, Any]] = {role: initial_structure(self.cfg, role)
                                                       for role in roles}
@@ -128,7 +127,7 @@ class Runner:
     # -- lazily materialised inputs -------------------------------------------------------------
     def _data(self) -> Splits:
         if self._splits is None:
-            from compresskit.data import load_data
+            from compresskit.data.sources import load_data
 
             self._splits = load_data(self.cfg.data, self.cfg.inputs, self.loaded.base_dir,
                                      str(self.loaded.path), self.cfg.task)
@@ -139,8 +138,8 @@ class Runner:
         source with the recorded structural edits replayed and the checkpoint loaded, or new."""
         if role in self._models:
             return self._models[role]
-        from compresskit import modelio, structure
-
+        from compresskit.models import loading as modelio
+        from compresskit.models import structure
         base, edits = self._structure[role]["base"], self._structure[role]["edits"]
         section = self.cfg.model_sections().get(base)
         if section is None:  # excluded by validation; reaching here is our bug
@@ -164,7 +163,7 @@ class Runner:
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> list[StageRecord]:
-        """Run the pipeline; the caller holds the run folder's lock (compresskit.lock)."""
+        """Run the pipeline; the caller holds the run folder's lock (compresskit.engine.lock)."""
         import torch
 
         self.device = dist.init(self._device_kind(torch))
@@ -233,7 +232,7 @@ class Runner:
                    artifacts: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
 
-        from compresskit.context import StageContext
+        from compresskit.engine.context import StageContext
         from compresskit.stages import STAGES
 
         main = dist.is_main()
@@ -273,7 +272,7 @@ class Runner:
             if isinstance(e, DiskFullError):
                 raise StageError(name, f"{e.strerror}; free some space and run again: "
                                        "finished stages are kept") from None
-            from compresskit.modelio import ModelError
+            from compresskit.models.loading import ModelError
 
             if isinstance(e, ModelError):
                 raise ConfigError(str(e)) from None
@@ -343,7 +342,7 @@ class Runner:
 
     def _commit(self, index: int, name: str, kind: str, stage_hash: str, work: Path,
                 final: Path, result: Any, seconds: float) -> dict[str, Any]:
-        from compresskit.modelio import save_weights
+        from compresskit.models.loading import save_weights
 
         for role, model in result.updated.items():
             save_weights(model, work / f"{role}.pt")

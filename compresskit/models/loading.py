@@ -10,11 +10,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from compresskit import hf
-from compresskit.artifacts import atomic_path
 from compresskit.config import InputConfig, ModelConfig, OutputConfig
-from compresskit.inputs import DTYPES
-from compresskit.sources import SourceError, call_user, locate, resolve
+from compresskit.engine.artifacts import atomic_path
+from compresskit.models import hf
+from compresskit.models.inputs import DTYPES
+from compresskit.models.sources import SourceError, call_user, locate, resolve
 
 
 class ModelError(Exception):
@@ -234,7 +234,7 @@ def dry_forward(model: nn.Module, inputs: Sequence[InputConfig], role: str) -> A
         "the inputs " + ", ".join(f"{i.name} {i.shape} ({i.dtype})" for i in inputs)
     try:
         with torch.no_grad():
-            from compresskit.inputs import call
+            from compresskit.models.inputs import call
 
             out = call(model, example_input(inputs))
     except ModelError:

@@ -1,0 +1,1 @@
+"""The data a pipeline trains and measures on: the splits, and the built-in sources."""

@@ -1,0 +1,1 @@
+"""The training loop every training stage uses, and evaluation."""
