@@ -295,16 +295,16 @@ def schema() -> None:
 def list_things(what: str = typer.Argument(
         "", help="Only one list: stages, data or targets.")) -> None:
     """List stage types, built-in data sources and benchmark targets."""
-    from compresskit.config import STAGE_CONFIGS
     from compresskit.data.sources import DATASETS
     from compresskit.measure.targets import TARGETS
+    from compresskit.stages import STAGES
 
     def first_sentence(doc: str | None) -> str:
         text = " ".join((doc or "").split())
         return text.split(". ")[0].split(": ")[0].rstrip(".") + "."
 
     lists = {
-        "stages": [(k, first_sentence(v.__doc__)) for k, v in STAGE_CONFIGS.items()],
+        "stages": [(k, first_sentence(v.config.__doc__)) for k, v in STAGES.items()],
         "data sources": [(k, first_sentence(f.__doc__)) for k, f in DATASETS.items()],
         "targets": [(k, t.description) for k, t in TARGETS.items()],
     }

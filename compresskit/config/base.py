@@ -3,7 +3,7 @@ every stage shares, the optimiser options, the teacher-cache options and user ta
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
@@ -165,6 +165,9 @@ class ModelConfig(Strict):
 
 class StageBase(Strict):
     """Fields and ordering rules shared by every stage."""
+
+    if TYPE_CHECKING:
+        type: str  # each stage's Literal YAML type
 
     changes_model: ClassVar[bool] = False
     """A stage that changes weights or structure; none may follow `export`."""

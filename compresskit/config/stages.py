@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import ConfigDict, Field
 
@@ -13,7 +13,6 @@ from compresskit.config.base import (
     TeacherCacheOptions,
     TrainingOptions,
 )
-from compresskit.config.distill import DistillConfig
 
 
 class TrainConfig(TrainingOptions):
@@ -396,23 +395,3 @@ class BenchmarkConfig(StageBase):
             return [(("lengths",), "'lengths' needs an input with a dynamic axis; give one "
                      "under input: dynamic (e.g. {0: sequence})")]
         return []
-
-
-StageConfig = Annotated[
-    Union[TrainConfig, DistillConfig, PruneConfig, LowRankConfig, QatConfig,  # noqa: UP007
-          ExportConfig, PtqConfig, BenchmarkConfig],
-    Field(discriminator="type"),
-]
-
-STAGE_CONFIGS: dict[str, type[StageBase]] = {
-    "train": TrainConfig,
-    "distill": DistillConfig,
-    "prune": PruneConfig,
-    "lowrank": LowRankConfig,
-    "qat": QatConfig,
-    "export": ExportConfig,
-    "ptq": PtqConfig,
-    "benchmark": BenchmarkConfig,
-}
-
-

@@ -250,7 +250,7 @@ class Runner:
         try:
             torch.manual_seed(ctx.seed)
             with contextlib.nullcontext() if stage_cfg.every_rank else dist.alone():
-                result = STAGES.get(stage_cfg.type)(stage_cfg, ctx)
+                result = STAGES.get(stage_cfg.type).run(stage_cfg, ctx)
             if main:
                 manifest = self._commit(index, name, stage_cfg.type, stage_hash, work,
                                         self.run_dir / name, result,

@@ -135,31 +135,49 @@ def distill_rows(report: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def distill_findings(s: dict[str, Any], report: dict[str, Any]) -> list[str]:
+    """A distill stage: the student against its teachers (and the baseline), or for
+    embeddings the cosine and neighbour agreement gained; the diagnostics' warnings."""
+    m, lines = s["metrics"], []
+    if "accuracy" in m:
+        lines.append(_distill_line(m))
+        lines += [f"Warning ({s['name']}): {w}." for w in m.get("warnings", [])]
+    if "cosine" in m:
+        start = m.get("initial", {})
+        lines.append(
+            f"Distilled student on the {m.get('eval_split')} split: cosine to the teacher's "
+            f"embeddings {start.get('cosine', float('nan')):.4f} -> {m['cosine']:.4f}, "
+            f"top-1 nearest-neighbour agreement {start.get('nn_agreement', float('nan')):.4f}"
+            f" -> {m['nn_agreement']:.4f} (torch, FP32).")
+    return lines
+
+
+def shrink_findings(s: dict[str, Any], report: dict[str, Any]) -> list[str]:
+    """A prune or lowrank stage: MACs, parameters, latency and quality before and after."""
+    m, k = s["metrics"], _metric(report)
+    if "change" not in m:  # nothing was changed (a model left whole)
+        return []
+    c = m["change"]
+    return [
+        f"{s['type'].capitalize()} ({s['name']}): MACs x{c['macs_ratio']:.2f}, params "
+        f"x{c['params_ratio']:.2f}, batch-1 latency {fmt_ms(m['before']['latency_ms'])} -> "
+        f"{fmt_ms(m['after']['latency_ms'])} (x{1 / c['latency_speedup']:.2f}), "
+        f"{_label(report)} {m['before'][k]:.4f} -> {m['after'][k]:.4f}"
+        f" ({_delta(report, m['after'][k], m['before'][k])}).",
+        *(f"Warning ({s['name']}): {w}." for w in c["warnings"])]
+
+
 def headline(report: dict[str, Any]) -> list[str]:
-    """Plain-words findings drawn only from measured numbers."""
+    """Plain-words findings drawn only from measured numbers: each stage's own (its
+    descriptor's `findings`), then the files against each other per target."""
+    from compresskit.stages import STAGES
+
     lines = []
     k = _metric(report)
     for s in report["stages"]:
-        m = s["metrics"]
-        if s["type"] == "distill" and "accuracy" in m:
-            lines.append(_distill_line(m))
-            lines += [f"Warning ({s['name']}): {w}." for w in m.get("warnings", [])]
-        if s["type"] == "distill" and "cosine" in m:
-            start = m.get("initial", {})
-            lines.append(
-                f"Distilled student on the {m.get('eval_split')} split: cosine to the teacher's "
-                f"embeddings {start.get('cosine', float('nan')):.4f} -> {m['cosine']:.4f}, "
-                f"top-1 nearest-neighbour agreement {start.get('nn_agreement', float('nan')):.4f}"
-                f" -> {m['nn_agreement']:.4f} (torch, FP32).")
-        if "change" in m:
-            c = m["change"]
-            lines.append(
-                f"{s['type'].capitalize()} ({s['name']}): MACs x{c['macs_ratio']:.2f}, params "
-                f"x{c['params_ratio']:.2f}, batch-1 latency {fmt_ms(m['before']['latency_ms'])} -> "
-                f"{fmt_ms(m['after']['latency_ms'])} (x{1 / c['latency_speedup']:.2f}), "
-                f"{_label(report)} {m['before'][k]:.4f} -> {m['after'][k]:.4f}"
-                f" ({_delta(report, m['after'][k], m['before'][k])}).")
-            lines += [f"Warning ({s['name']}): {w}." for w in c["warnings"]]
+        stage = STAGES.get(s["type"]) if s["type"] in STAGES else None
+        if stage is not None and stage.findings is not None:
+            lines += stage.findings(s, report)
     for group in _by_target_and_batch(report["benchmarks"]):
         fp32 = {b["model"]: b for b in group if b.get("precision") == "fp32"}
         b, t = fp32.get("student"), fp32.get("teacher")
@@ -227,7 +245,11 @@ def sections(report: dict[str, Any]) -> list[Section]:
                             "mean top-1 prob T=1", "mean top-1 prob at T", "params",
                             "student/teacher params", "student-teacher top-1 agreement"],
                            teacher_rows, sweeps))
-    steps = [s for s in report["stages"] if "change" in s["metrics"]]
+    from compresskit.config import CompressOptions
+    from compresskit.stages import STAGES
+
+    steps = [s for s in report["stages"] if s["type"] in STAGES and "change" in s["metrics"]
+             and issubclass(STAGES.get(s["type"]).config, CompressOptions)]
     if steps:
         rows = []
         for s in steps:
