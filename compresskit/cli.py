@@ -18,15 +18,20 @@ app = typer.Typer(
     name="compresskit", no_args_is_help=True, add_completion=False,
     help="Distil, prune, factorize and quantize a PyTorch model into a small ONNX student, "
          "measured on the device you ship to.")
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+WIDTH = 100
+"""No terminal line of a run wider than this: stage logs and tables wrap (a narrower terminal
+wraps at its own width). Errors stay one line each (soft_wrap), to be read and grepped whole."""
+err = Console(stderr=True, highlight=False)
+err.width = min(err.width, WIDTH) if err.is_terminal else WIDTH
 out = Console(highlight=False, soft_wrap=True)
 
 
 def _fail_config(e: ConfigError) -> None:
     n = len(e.problems)
-    err.print(f"[red]error:[/red] {n} problem{'s' if n > 1 else ''} in the input:", markup=True)
+    err.print(f"[red]error:[/red] {n} problem{'s' if n > 1 else ''} in the input:", markup=True,
+              soft_wrap=True)
     for p in e.problems:
-        err.print(f"  {p}", markup=False)
+        err.print(f"  {p}", markup=False, soft_wrap=True)
     raise typer.Exit(EXIT_BAD_INPUT)
 
 
@@ -87,7 +92,7 @@ def run(
         if main:
             from rich.markup import escape
 
-            err.print(f"[red]error:[/red] {escape(str(e))}", markup=True)
+            err.print(f"[red]error:[/red] {escape(str(e))}", markup=True, soft_wrap=True)
             err.print("Finished stages are kept; fix the cause and run the same command to "
                       "resume.")
         raise typer.Exit(EXIT_STAGE_FAILED) from None
@@ -111,7 +116,7 @@ def _torchrun(nproc: int, pipeline: Path, overrides: list[str], output_dir: Path
         cmd += ["--output-dir", str(output_dir)]
     if force:
         cmd.append("--force")
-    err.print(f"launching: {' '.join(cmd[1:])}", markup=False)
+    err.print(f"launching: {' '.join(cmd[1:])}", markup=False, soft_wrap=True)
     return subprocess.call(cmd)
 
 
@@ -122,7 +127,8 @@ def _summary(report: dict[str, Any]) -> None:
     from compresskit.ops.latency import fmt_ms
     from compresskit.report import verdicts
 
-    narrow = Console(highlight=False, width=min(out.width, 100))
+    narrow = Console(highlight=False,
+                     width=min(out.width, WIDTH) if out.is_terminal else WIDTH)
     metrics = METRICS[report.get("task", "classify")]
     t = Table(title=f"{report['name']}: {report['seconds']:.1f} s", title_justify="left")
     for col in ("stage", "status", "seconds", "params", *(LABELS[m] for m in metrics)):
@@ -186,7 +192,7 @@ def validate(
 def _bad_input(message: str) -> None:
     from rich.markup import escape
 
-    err.print(f"[red]error:[/red] {escape(message)}", markup=True)
+    err.print(f"[red]error:[/red] {escape(message)}", markup=True, soft_wrap=True)
     raise typer.Exit(EXIT_BAD_INPUT)
 
 
@@ -265,7 +271,7 @@ def bench(
     if failure is not None:
         from rich.markup import escape
 
-        err.print(f"[red]error:[/red] {escape(failure)}", markup=True)
+        err.print(f"[red]error:[/red] {escape(failure)}", markup=True, soft_wrap=True)
         raise typer.Exit(EXIT_STAGE_FAILED)
 
 

@@ -18,6 +18,13 @@ def verbose() -> bool:
 
 
 def quiet_libraries() -> None:
-    if not verbose():
-        for name, level in LIBRARY_LOGS.items():
-            logging.getLogger(name).setLevel(level)
+    """Unless verbose: those loggers to warnings or errors only, and onnxruntime's own C++ log
+    (the 'Removing initializer' warnings of sessions that its quantization and ORT-format tools
+    open) to errors."""
+    if verbose():
+        return
+    for name, level in LIBRARY_LOGS.items():
+        logging.getLogger(name).setLevel(level)
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(3)

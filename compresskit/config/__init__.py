@@ -31,8 +31,9 @@ from compresskit.config.distill import (
     LossTerm,
     TeacherEntry,
 )
-from compresskit.config.pipeline import STAGE_CONFIGS, PipelineConfig, StageConfig, order_problems
+from compresskit.config.pipeline import PipelineConfig, order_problems
 from compresskit.config.stages import (
+    STAGE_CONFIGS,
     BenchmarkConfig,
     CompressOptions,
     ExportConfig,
@@ -41,6 +42,7 @@ from compresskit.config.stages import (
     PruneConfig,
     PtqConfig,
     QatConfig,
+    StageConfig,
     StartFrom,
     TrainConfig,
 )

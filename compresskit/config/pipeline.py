@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import Discriminator, Field, Tag
 
@@ -15,16 +15,8 @@ from compresskit.config.base import (
     Strict,
     TargetConfig,
 )
+from compresskit.config.stages import StageConfig
 from compresskit.registry import did_you_mean
-from compresskit.stages import STAGES
-
-STAGE_CONFIGS: dict[str, type[StageBase]] = {name: s.config for name, s in STAGES.items()}
-"""Every stage type's config class, from the stage descriptors (compresskit.stages)."""
-if TYPE_CHECKING:
-    StageConfig = StageBase
-else:  # the discriminated union of every descriptor's config class
-    StageConfig = Annotated[Union[tuple(STAGE_CONFIGS.values())],  # noqa: UP007
-                            Field(discriminator="type")]
 
 
 class PipelineConfig(Strict):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import ConfigDict, Field
 
@@ -13,6 +13,7 @@ from compresskit.config.base import (
     TeacherCacheOptions,
     TrainingOptions,
 )
+from compresskit.config.distill import DistillConfig
 
 
 class TrainConfig(TrainingOptions):
@@ -395,3 +396,26 @@ class BenchmarkConfig(StageBase):
             return [(("lengths",), "'lengths' needs an input with a dynamic axis; give one "
                      "under input: dynamic (e.g. {0: sequence})")]
         return []
+
+
+if TYPE_CHECKING:
+    StageConfig = StageBase
+else:  # every stage type's config, told apart by `type`
+    StageConfig = Annotated[
+        Union[TrainConfig, DistillConfig, PruneConfig, LowRankConfig, QatConfig,  # noqa: UP007
+              ExportConfig, PtqConfig, BenchmarkConfig],
+        Field(discriminator="type"),
+    ]
+
+STAGE_CONFIGS: dict[str, type[StageBase]] = {
+    "train": TrainConfig,
+    "distill": DistillConfig,
+    "prune": PruneConfig,
+    "lowrank": LowRankConfig,
+    "qat": QatConfig,
+    "export": ExportConfig,
+    "ptq": PtqConfig,
+    "benchmark": BenchmarkConfig,
+}
+"""The schema's side of each stage; the descriptors in compresskit.stages name the same classes
+(tests/unit/test_stage_contract.py holds the two together)."""

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from compresskit.report.text import headline, sections, verdicts
+from compresskit.report.text import findings, sections, verdicts
 
 STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1100px;
@@ -33,6 +33,9 @@ window.addEventListener('load', function () {
 });
 </script>
 """
+
+
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
 
 
 def _cell(text: str) -> str:
@@ -64,6 +67,7 @@ def plots(report: dict[str, Any]) -> list[tuple[str, str]]:
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     from compresskit.measure import quality
     out = []
@@ -75,19 +79,33 @@ def plots(report: dict[str, Any]) -> list[tuple[str, str]]:
         longest = max((b.get("length") or 0) for b in rows)
         rows = [b for b in rows if b["batch_size"] == bs and (b.get("length") or 0) == longest]
         pts = [(b["latency_ms"]["p50"], b[metric]) for b in rows]
-        fig, ax = plt.subplots(figsize=(6.4, 4.0))
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], color="#1f77b4", zorder=3)
-        for b, (x, y) in zip(rows, pts, strict=True):
-            ax.annotate(Path(b["artifact"]).name.removesuffix(".onnx"), (x, y), fontsize=8,
-                        xytext=(4, 4), textcoords="offset points")
         front = pareto(pts)
+        fig, ax = plt.subplots(figsize=(8.0, 4.2))
+        # Every file in the legend, each with its own marker; only the few on the Pareto
+        # front are labelled on the plot, so labels do not pile up on each other.
+        for i, (b, (x, y)) in enumerate(zip(rows, pts, strict=True)):
+            ax.scatter([x], [y], marker=MARKERS[i % len(MARKERS)], s=60, zorder=3,
+                       label=Path(b["artifact"]).name.removesuffix(".onnx"))
         ax.step([pts[i][0] for i in front], [pts[i][1] for i in front], where="post",
-                color="#d62728", label="Pareto front", zorder=2)
+                color="#d62728", linewidth=2.5, alpha=0.6, label="Pareto front", zorder=2)
+        # Two labels at most, far apart: the fastest file and the most accurate one.
+        for i, align in dict.fromkeys([(front[0], "left"), (front[-1], "right")]):
+            ax.annotate(Path(rows[i]["artifact"]).name.removesuffix(".onnx"), pts[i],
+                        fontsize=8, ha=align, xytext=(8 if align == "left" else -8, -14),
+                        textcoords="offset points")
         ax.set_xscale("log")
+        plain = FuncFormatter(lambda v, _: f"{v:g}")
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(plain)
+        ax.tick_params(axis="x", which="minor", labelsize=7)
+        values = [p[1] for p in pts]
+        if 0.0 <= min(values) and max(values) <= 1.0:  # a share: no zoom that turns a point
+            ax.set_ylim(max(0.0, min(values) - 0.1), 1.0)  # into a cliff
         ax.set_xlabel(f"p50 latency, ms (batch {bs}, log scale)")
         ax.set_ylabel(label)
         ax.set_title(f"{target}: {label} against latency")
-        ax.legend(loc="lower right")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
         out.append((f"Accuracy against latency on {target}, batch {bs}; the red line joins "
                     "the files no other file beats on both.", _png(fig)))
         plt.close(fig)
@@ -123,7 +141,7 @@ def html(report: dict[str, Any]) -> str:
     if ship:
         parts.append("<h2>Verdict</h2><ul class='verdict'>"
                      + "".join(f"<li>{_cell(v)}</li>" for v in ship) + "</ul>")
-    found = headline(report)
+    found, appendix = findings(report)
     if found:
         parts.append("<h2>Findings</h2><ul>" + "".join(f"<li>{_cell(f)}</li>" for f in found)
                      + "</ul>")
@@ -137,5 +155,8 @@ def html(report: dict[str, Any]) -> str:
                      + "".join("<tr>" + "".join(f"<td>{_cell(c)}</td>" for c in row) + "</tr>"
                                for row in sec.rows) + "</tbody></table>")
         parts += [f"<p>{_cell(n)}</p>" for n in sec.notes]
+    if appendix:
+        parts.append("<h2>Appendix: every comparison</h2><ul>"
+                     + "".join(f"<li>{_cell(f)}</li>" for f in appendix) + "</ul>")
     parts.append(CHECK + "</body></html>")
     return "\n".join(parts)

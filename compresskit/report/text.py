@@ -167,18 +167,45 @@ def shrink_findings(s: dict[str, Any], report: dict[str, Any]) -> list[str]:
         *(f"Warning ({s['name']}): {w}." for w in c["warnings"])]
 
 
+FINDINGS = 10
+"""Lines under "Findings" at most; the rest of the comparisons go to the appendix."""
+
+
 def headline(report: dict[str, Any]) -> list[str]:
     """Plain-words findings drawn only from measured numbers: each stage's own (its
-    descriptor's `findings`), then the files against each other per target."""
+    descriptor's `findings`), then the files against each other per target and batch."""
+    return _stage_findings(report) + [line for group in _comparisons(report) for line in group]
+
+
+def findings(report: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The findings a reader sees first (each stage's, then the comparisons on the first
+    target at its first batch, at most FINDINGS lines) and the appendix (every other
+    comparison)."""
+    first, *rest = _comparisons(report) or [[]]
+    main = _stage_findings(report) + first
+    extra = [line for group in rest for line in group]
+    return main[:FINDINGS], main[FINDINGS:] + extra
+
+
+def _stage_findings(report: dict[str, Any]) -> list[str]:
     from compresskit.stages import STAGES
 
     lines = []
-    k = _metric(report)
     for s in report["stages"]:
         stage = STAGES.get(s["type"]) if s["type"] in STAGES else None
         if stage is not None and stage.findings is not None:
             lines += stage.findings(s, report)
+    return lines
+
+
+def _comparisons(report: dict[str, Any]) -> list[list[str]]:
+    """Per target and batch (and length): the student against the teacher, each INT8 file
+    against its FP32 file and the INT8 student against the FP32 teacher."""
+    k = _metric(report)
+    out = []
     for group in _by_target_and_batch(report["benchmarks"]):
+        lines: list[str] = []
+        out.append(lines)
         fp32 = {b["model"]: b for b in group if b.get("precision") == "fp32"}
         b, t = fp32.get("student"), fp32.get("teacher")
         if b is not None and t is not None:
@@ -208,7 +235,7 @@ def headline(report: dict[str, Any]) -> list[str]:
                     f"{_pace(teacher['latency_ms']['p50'] / q['latency_ms']['p50'])} than the "
                     f"FP32 teacher at {_delta(report, q[k], teacher[k])}, in "
                     f"{q['bytes'] / max(1, teacher['bytes']):.2f}x its bytes.")
-    return lines
+    return out
 
 
 @dataclass
@@ -385,10 +412,12 @@ def markdown(report: dict[str, Any]) -> str:
     ship = verdicts(report)
     if ship:
         parts += ["## Verdict", ""] + [f"- {line}" for line in ship] + [""]
-    found = headline(report)
+    found, appendix = findings(report)
     if found:
         parts += ["## Findings", ""] + [f"- {line}" for line in found] + [""]
     for sec in sections(report):
         parts += [f"## {sec.title}", "", _table(sec.header, sec.rows), ""]
         parts += [*sec.notes, ""] if sec.notes else []
+    if appendix:
+        parts += ["## Appendix: every comparison", ""] + [f"- {line}" for line in appendix]
     return "\n".join(parts)

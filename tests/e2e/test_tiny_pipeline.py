@@ -57,6 +57,8 @@ def test_the_terminal_shows_stages_one_comparison_per_target_and_the_verdict(fir
     _, result = first_run
     lines = result.stdout.splitlines()
     assert all(len(line) <= 100 for line in lines[:-1]), max(lines, key=len)  # last: the path
+    logs = result.stderr.splitlines()  # stage logs and progress wrap at 100 columns too
+    assert all(len(line) <= 100 for line in logs), max(logs, key=len)
     assert any(line.startswith("cpu, batch 1: against teacher.fp32.onnx") for line in lines)
     assert any("speed-up" in line and "points" in line for line in lines)
     assert sum(line.startswith("cpu: ship ") for line in lines) == 1

@@ -108,6 +108,28 @@ def test_html_renders_in_headless_chromium(run_dir, tmp_path):
     assert dom.count("<table>") >= 6 and "Verdict" in dom
 
 
+@pytest.mark.skipif(shutil.which("chromium") is None,
+                    reason="Debian's chromium is not installed (apt-get install chromium)")
+def test_report_screenshot_shows_the_page_and_its_plots(run_dir, tmp_path):
+    """A screenshot of report.html as a person sees it: the page is drawn (not blank), as wide
+    as the window, and the plots are there in colour (a few rows of saturated pixels)."""
+    import numpy as np
+    from matplotlib import image
+
+    shot = tmp_path / "report.png"
+    result = subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+         "--virtual-time-budget=5000", f"--user-data-dir={tmp_path / 'profile'}",
+         "--window-size=1280,4000", f"--screenshot={shot}", (run_dir / "report.html").as_uri()],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and shot.is_file(), result.stderr[-2000:]
+    pixels = image.imread(str(shot))[..., :3]
+    assert pixels.shape[:2] == (4000, 1280)
+    assert pixels.std() > 0.05  # text and tables, not an empty page
+    saturation = pixels.max(axis=2) - pixels.min(axis=2)
+    assert (saturation > 0.4).any(axis=1).sum() > 100  # coloured plot marks on many rows
+
+
 def test_bundle_files_and_manifest(run_dir):
     folder = run_dir / "artifacts" / "bundle"
     names = sorted(p.name for p in folder.iterdir())
