@@ -356,12 +356,19 @@ def _cold(b: dict[str, Any]) -> str:
 
 def tied(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Whether two measured rows' p50 latencies differ by no more than measurement noise: two
-    standard errors of the difference of two medians (1.253 std / sqrt(runs) each)."""
-    la, lb = a["latency_ms"], b["latency_ms"]
-    if "std" not in la or "std" not in lb or not a.get("runs") or not b.get("runs"):
+    standard errors of the difference of two medians (1.253 sigma / sqrt(runs) each), with
+    sigma read robustly from the spread p90 - p50 (= 1.2816 sigma for a normal law): a few
+    slow outliers inflate the standard deviation, not the quantiles."""
+    def se2(row: dict[str, Any]) -> float | None:
+        lat = row["latency_ms"]
+        sigma = (lat["p90"] - lat["p50"]) / 1.2816 if "p90" in lat else lat.get("std")
+        return None if sigma is None or not row.get("runs") else \
+            (1.253 * sigma) ** 2 / row["runs"]
+
+    sa, sb = se2(a), se2(b)
+    if sa is None or sb is None:
         return False
-    se = 1.253 * math.sqrt(la["std"] ** 2 / a["runs"] + lb["std"] ** 2 / b["runs"])
-    return abs(la["p50"] - lb["p50"]) <= 2 * se
+    return abs(a["latency_ms"]["p50"] - b["latency_ms"]["p50"]) <= 2 * math.sqrt(sa + sb)
 
 
 def verdicts(report: dict[str, Any]) -> list[str]:
