@@ -15,7 +15,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Required, TypedDict
 
 MANIFEST = "manifest.json"
 
@@ -67,6 +67,34 @@ def read_json(path: Path) -> Any | None:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+
+
+class Artifact(TypedDict, total=False):
+    """A file a stage wrote under artifacts/, as manifests and report.json list it."""
+
+    path: Required[str]
+    """Relative to the run folder."""
+    format: Required[Literal["onnx", "bundle", "zip"]]
+    precision: Required[str | None]
+    """fp32 or int8."""
+    model: Required[str | None]
+    """The role it was made from (teacher, student, ...)."""
+    bytes: Required[int]
+    sha256: Required[str]
+    method: str | None
+    """INT8 files: qat, qat+kd or ptq."""
+    int8_coverage: float
+    opset: int
+    input: list[str]
+    output: str
+
+
+class Structure(TypedDict):
+    """How to rebuild a model whose structure stages changed: the role whose `source:` builds
+    it, then every structural edit since, in order (models/structure.py replays them)."""
+
+    base: str
+    edits: list[dict[str, Any]]
 
 
 def sha256_file(path: Path) -> str:

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 
     from compresskit.config import PipelineConfig
     from compresskit.data.sources import Splits
+    from compresskit.engine.artifacts import Artifact, Structure
 
 
 @dataclass
@@ -22,10 +23,9 @@ class StageResult:
     updated: dict[str, nn.Module] = field(default_factory=dict)
     """Models whose weights or structure the stage changed, by role."""
     params: int | None = None
-    structure: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """For models whose structure the stage changed: {'base': role whose source builds it,
-    'edits': every structural edit since (compresskit.models.structure)}."""
-    artifacts: list[dict[str, Any]] = field(default_factory=list)
+    structure: dict[str, Structure] = field(default_factory=dict)
+    """For models whose structure the stage changed, how to rebuild them."""
+    artifacts: list[Artifact] = field(default_factory=list)
     benchmarks: list[dict[str, Any]] = field(default_factory=list)
     incomplete: str | None = None
     """Why the stage kept what it could but must run again next time (a device that could not
@@ -45,11 +45,11 @@ class StageContext:
     seed: int
     console: Console
     progress: Any
-    artifacts: list[dict[str, Any]]
+    artifacts: list[Artifact]
     """Artifacts written by earlier stages (paths relative to run_dir)."""
     _data: Callable[[], Splits]
     _model: Callable[[str], nn.Module]
-    _structure: Callable[[str], dict[str, Any]]
+    _structure: Callable[[str], Structure]
 
     def data(self) -> Splits:
         return self._data()
@@ -57,7 +57,7 @@ class StageContext:
     def model(self, role: str) -> nn.Module:
         return self._model(role)
 
-    def structure(self, role: str) -> dict[str, Any]:
+    def structure(self, role: str) -> Structure:
         """How the model of this role is built: its base role and the structural edits since."""
         return self._structure(role)
 

@@ -24,7 +24,9 @@ from compresskit import __version__
 from compresskit.engine import distributed as dist
 from compresskit.engine.artifacts import (
     MANIFEST,
+    Artifact,
     DiskFullError,
+    Structure,
     inside,
     read_json,
     sha256_file,
@@ -119,8 +121,8 @@ class Runner:
         self._state: dict[str, str | None] = {role: None for role in roles}
         from compresskit.models.structure import initial_structure
 
-        self._structure: dict[str, dict[str, Any]] = {role: initial_structure(self.cfg, role)
-                                                      for role in roles}
+        self._structure: dict[str, Structure] = {role: initial_structure(self.cfg, role)
+                                                 for role in roles}
         self._fresh: dict[str, nn.Module] = {}
         self.device: Any = None
 
@@ -176,7 +178,7 @@ class Runner:
         common = common_hash(self.loaded, self.device.type, dist.world_size())
         versions = model_hashes(self.loaded)
         artifact_writers: list[str] = []
-        artifacts: list[dict[str, Any]] = []
+        artifacts: list[Artifact] = []
         for index, (stage_cfg, name) in enumerate(zip(self.cfg.stages, names, strict=True)):
             stage_hash = _digest({
                 "common": common, "index": index,
@@ -229,7 +231,7 @@ class Runner:
         return manifest
 
     def _run_stage(self, index: int, name: str, stage_cfg: Any, stage_hash: str,
-                   artifacts: list[dict[str, Any]]) -> dict[str, Any]:
+                   artifacts: list[Artifact]) -> dict[str, Any]:
         import torch
 
         from compresskit.engine.context import StageContext
@@ -325,7 +327,7 @@ class Runner:
         except (ValueError, TypeError):
             return False
 
-    def _structure_of(self, role: str) -> dict[str, Any]:
+    def _structure_of(self, role: str) -> Structure:
         return self._structure[role]
 
     def _adopt(self, manifest: dict[str, Any], weights: bool = True) -> None:

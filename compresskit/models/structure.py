@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from compresskit.engine.artifacts import Structure
+
 SCALARS = (int, float, bool, str, type(None))
 
 
@@ -150,12 +152,12 @@ def apply(model: nn.Module, edits: list[dict[str, Any]]) -> nn.Module:
     return model
 
 
-def plain(role: str) -> dict[str, Any]:
+def plain(role: str) -> Structure:
     """A model as its own source builds it: no structural edits."""
     return {"base": role, "edits": []}
 
 
-def initial_structure(cfg: Any, role: str) -> dict[str, Any]:
+def initial_structure(cfg: Any, role: str) -> Structure:
     """How a model is first built: from its own source, or (from_teacher) from the teacher
     with only the chosen layers kept."""
     section = cfg.model_sections().get(role)

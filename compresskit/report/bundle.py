@@ -18,7 +18,13 @@ from typing import Any
 import numpy as np
 
 from compresskit import __version__
-from compresskit.engine.artifacts import sha256_file, write_bytes, write_json, write_text
+from compresskit.engine.artifacts import (
+    Artifact,
+    sha256_file,
+    write_bytes,
+    write_json,
+    write_text,
+)
 from compresskit.ops.latency import fmt_ms
 
 PREFERENCE = ("qat+kd", "qat", "ptq")
@@ -59,7 +65,7 @@ print("predicted:", manifest["labels"][label] if manifest["labels"] else label)
 """
 
 
-def pick(artifacts: list[dict[str, Any]], model: str) -> dict[str, Any] | None:
+def pick(artifacts: list[Artifact], model: str) -> Artifact | None:
     """The INT8 artifact of `model` to ship, or None when the pipeline made none."""
     int8 = [a for a in artifacts if a.get("precision") == "int8"
             and (a.get("model") or "student") == model and a.get("method") in PREFERENCE]
@@ -70,8 +76,8 @@ def _shape(dims: list[Any]) -> list[Any]:
     return ["batch" if i == 0 and not isinstance(d, int) else d for i, d in enumerate(dims)]
 
 
-def build(run_dir: Path, source: dict[str, Any], work: Path, x: np.ndarray, y: np.ndarray,
-          info: dict[str, Any]) -> list[dict[str, Any]]:
+def build(run_dir: Path, source: Artifact, work: Path, x: np.ndarray, y: np.ndarray,
+          info: dict[str, Any]) -> list[Artifact]:
     """Write the bundle for artifact `source` (a record of run_dir/artifacts) and return the
     artifact records of the bundle folder's files and of the zip. `x`, `y`: the evaluation
     split, for the accuracy the manifest states; `info`: name, preprocessing, labels, split."""
@@ -154,7 +160,7 @@ def build(run_dir: Path, source: dict[str, Any], work: Path, x: np.ndarray, y: n
         for p in sorted(final.iterdir()):
             z.write(p, f"bundle/{p.name}")
     write_bytes(run_dir / "artifacts" / "bundle.zip", archive.getvalue())
-    records = [{"path": f"artifacts/bundle/{p.name}", "format": "bundle",
+    records: list[Artifact] = [{"path": f"artifacts/bundle/{p.name}", "format": "bundle",
                 "precision": source.get("precision"), "model": source.get("model"),
                 "bytes": p.stat().st_size, "sha256": sha256_file(p)}
                for p in sorted(final.iterdir())]

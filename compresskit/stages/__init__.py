@@ -54,7 +54,7 @@ class Stage:
 STAGES: Registry[Stage] = Registry("stage")
 for _stage in (
     Stage("train", TrainConfig, "pipelines/digits.yaml"),
-    Stage("distill", DistillConfig, "pipelines/distill_features.yaml", distill_findings),
+    Stage("distill", DistillConfig, "pipelines/distill/features.yaml", distill_findings),
     Stage("prune", PruneConfig, "pipelines/resnet.yaml", shrink_findings),
     Stage("lowrank", LowRankConfig, "pipelines/digits.yaml", shrink_findings),
     Stage("qat", QatConfig, "pipelines/digits.yaml"),

@@ -15,7 +15,7 @@ from compresskit.backends import ort as ort_backend
 from compresskit.backends import quant
 from compresskit.backends.onnx_export import ExportError, check_model
 from compresskit.config import Int8Options
-from compresskit.engine.artifacts import atomic_path, sha256_file
+from compresskit.engine.artifacts import Artifact, atomic_path, sha256_file
 from compresskit.engine.context import StageContext
 from compresskit.errors import StageError
 from compresskit.measure import profile, quality
@@ -85,7 +85,7 @@ def agrees(found: dict[str, Any], logit_tol: float | None, min_agreement: float 
 def publish(ctx: StageContext, cfg: Int8Options, staged: Path, rel: str, fp32: Path,
             x: Any, y: np.ndarray, extra: dict[str, Any],
             reference: np.ndarray | None = None, logit_tol: float | None = None,
-            min_agreement: float | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+            min_agreement: float | None = None) -> tuple[dict[str, Any], Artifact]:
     """Check an INT8 file (onnx.checker, integer coverage, parity with `reference` logits when
     given), measure it against `fp32`, then move it to run_dir/rel. Nothing is written on
     failure, so earlier artifacts stay as they were."""
@@ -129,7 +129,7 @@ def publish(ctx: StageContext, cfg: Int8Options, staged: Path, rel: str, fp32: P
             f"{metrics[metric]:.4f}, {metrics['size_ratio']:.2f}x the FP32 file, batch-1 "
             f"{fmt_ms(timing['p50_ms']['fp32'])} -> {fmt_ms(timing['p50_ms']['int8'])} "
             f"({metrics['speedup_vs_fp32']:.2f}x)")
-    artifact = {"path": rel, "format": "onnx", "precision": "int8", "model": None,
+    artifact: Artifact = {"path": rel, "format": "onnx", "precision": "int8", "model": None,
                 "method": extra.get("method"), "bytes": final.stat().st_size,
                 "sha256": sha256_file(final), "int8_coverage": metrics["int8_coverage"]}
     return metrics, artifact

@@ -14,6 +14,7 @@ from compresskit.backends.onnx_export import ExportError
 from compresskit.config import CompressOptions, TrainingOptions
 from compresskit.distill import teacher_cache as teacher_outputs
 from compresskit.engine import distributed as dist
+from compresskit.engine.artifacts import Structure
 from compresskit.engine.context import StageContext, StageResult
 from compresskit.errors import ConfigError, Problem, StageError
 from compresskit.measure import profile, quality
@@ -89,7 +90,8 @@ class Shrink:
 
     def finish(self, edit: dict[str, Any], metrics: dict[str, Any]) -> StageResult:
         """Measure the result against the model as it came in; record the edit."""
-        structure = {"base": self.structure["base"], "edits": [*self.structure["edits"], edit]}
+        structure: Structure = {"base": self.structure["base"],
+                                "edits": [*self.structure["edits"], edit]}
         if not self.measured:
             return StageResult(metrics=metrics, updated={"student": self.model},
                                structure={"student": structure})

@@ -18,7 +18,7 @@ from compresskit.backends.onnx_export import (
 )
 from compresskit.config import ExportConfig
 from compresskit.data.sources import describe_source
-from compresskit.engine.artifacts import atomic_path, sha256_file
+from compresskit.engine.artifacts import Artifact, atomic_path, sha256_file
 from compresskit.engine.context import StageContext, StageResult
 from compresskit.errors import StageError
 from compresskit.measure import quality
@@ -58,7 +58,8 @@ def parity(model: torch.nn.Module, onnx_path: object, x: Any, atol: float,
 def run(cfg: ExportConfig, ctx: StageContext) -> StageResult:
     x = eval_inputs(ctx, cfg.parity_samples)
     example = inputs.apply(inputs.take(x, slice(0, 2)), torch.from_numpy)
-    artifacts, checks = [], {}
+    artifacts: list[Artifact] = []
+    checks: dict[str, Any] = {}
     for role in cfg.models_needed:
         model = copy.deepcopy(ctx.model(role)).cpu().eval()
         rel = f"artifacts/{role}.fp32.onnx"

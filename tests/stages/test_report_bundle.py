@@ -113,7 +113,6 @@ def test_html_renders_in_headless_chromium(run_dir, tmp_path):
 def test_report_screenshot_shows_the_page_and_its_plots(run_dir, tmp_path):
     """A screenshot of report.html as a person sees it: the page is drawn (not blank), as wide
     as the window, and the plots are there in colour (a few rows of saturated pixels)."""
-    import numpy as np
     from matplotlib import image
 
     shot = tmp_path / "report.png"
