@@ -88,6 +88,22 @@ def to_ort_format(path: Path, folder: Path) -> Path:
     return out
 
 
+def version() -> str:
+    return str(ort.__version__)
+
+
+def required_operators(model_ort: Path, out: Path) -> None:
+    """The operators an ORT-format model needs, as the config a reduced onnxruntime build takes
+    (`--include_ops_by_config`); the file names the bundle's model, not a temporary path."""
+    from onnxruntime.tools.ort_format_model.utils import create_config_from_models
+
+    create_config_from_models([model_ort], out, enable_type_reduction=False)
+    config = out.read_text().splitlines()
+    out.write_text("\n".join(
+        ["# Operators model.ort needs (onnxruntime reduced build: --include_ops_by_config)"]
+        + [line for line in config if not line.startswith("#")]) + "\n")
+
+
 def session(path: Path | str, target: Target, threads: int,
             ort_folder: Path | None = None) -> ort.InferenceSession:
     """An InferenceSession for `target` (on the ORT-format copy when the target wants one)."""

@@ -82,8 +82,6 @@ def build(run_dir: Path, source: Artifact, work: Path, x: np.ndarray, y: np.ndar
     artifact records of the bundle folder's files and of the zip. `x`, `y`: the evaluation
     split, for the accuracy the manifest states; `info`: name, preprocessing, labels, split."""
     import onnx
-    import onnxruntime as ort
-    from onnxruntime.tools.ort_format_model.utils import create_config_from_models
 
     from compresskit.backends import ort as backend
     from compresskit.measure import bench, quality
@@ -96,13 +94,7 @@ def build(run_dir: Path, source: Artifact, work: Path, x: np.ndarray, y: np.ndar
     shutil.copyfile(run_dir / source["path"], staged / "model.onnx")
     converted = backend.to_ort_format(staged / "model.onnx", work / "ort")
     shutil.copyfile(converted, staged / "model.ort")
-    create_config_from_models([staged / "model.ort"], staged / "required_operators.config",
-                              enable_type_reduction=False)
-    # The stored comment names the temporary path; keep the file about the bundle only.
-    config = (staged / "required_operators.config").read_text().splitlines()
-    (staged / "required_operators.config").write_text("\n".join(
-        ["# Operators model.ort needs (onnxruntime reduced build: --include_ops_by_config)"]
-        + [line for line in config if not line.startswith("#")]) + "\n")
+    backend.required_operators(staged / "model.ort", staged / "required_operators.config")
     edge = TARGETS.get("edge")
     sess = backend.session(staged / "model.ort", edge, 1)
     task = info.get("task", "classify")
@@ -118,7 +110,7 @@ def build(run_dir: Path, source: Artifact, work: Path, x: np.ndarray, y: np.ndar
     dtypes = {i.name: str(np.dtype(backend.ORT_DTYPES[i.type])) for i in sess.get_inputs()}
     manifest = {
         "name": info["name"], "compresskit_version": __version__,
-        "onnxruntime_version": ort.__version__,
+        "onnxruntime_version": backend.version(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "model": {"file": "model.ort", "onnx": "model.onnx", "from": source["path"],
                   "precision": source.get("precision"), "method": source.get("method"),
@@ -141,7 +133,7 @@ def build(run_dir: Path, source: Artifact, work: Path, x: np.ndarray, y: np.ndar
         accuracy=f"{accuracy:.4f}", split=info["split"],
         metric=quality.LABELS[quality.primary(task)],
         latency=fmt_ms(rows[0]["latency_ms"]["p50"]), preprocessing=info["preprocessing"],
-        ort_version=ort.__version__))
+        ort_version=backend.version()))
     manifest["files"] = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                          for p in sorted(staged.iterdir())}
     write_json(staged / "manifest.json", manifest)

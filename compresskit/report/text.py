@@ -10,6 +10,7 @@ from typing import Any
 
 from compresskit.measure import quality
 from compresskit.ops.latency import fmt_ms
+from compresskit.report.findings import delta, metric_key, metric_label
 
 
 def _seconds(stage: dict[str, Any]) -> str:
@@ -41,22 +42,6 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
-def _metric(report: dict[str, Any]) -> str:
-    """The quality metric results are ranked by (accuracy, or cosine to the teacher)."""
-    return str(report.get("metric", "accuracy"))
-
-
-def _label(report: dict[str, Any]) -> str:
-    return quality.LABELS.get(_metric(report), _metric(report))
-
-
-def _delta(report: dict[str, Any], new: float, old: float) -> str:
-    """A change in the metric: points for accuracy, a plain difference otherwise."""
-    if _metric(report) == "accuracy":
-        return f"{100 * (new - old):+.1f} points"
-    return f"{new - old:+.4f} {_label(report)}"
-
-
 def _at(b: dict[str, Any]) -> str:
     return f"batch {b['batch_size']}" + (f", length {b['length']}" if b.get("length") else "")
 
@@ -76,7 +61,7 @@ def quantization_rows(report: dict[str, Any]) -> list[list[str]]:
     """INT8 artifacts against the FP32 file of the same model, at the first target's batch 1
     (or smallest batch): what QAT with and without distillation and PTQ each bought."""
     out = []
-    k = _metric(report)
+    k = metric_key(report)
     groups = _by_target_and_batch(report["benchmarks"])
     first = groups[0][0] if groups else {}
     for group in groups:
@@ -91,35 +76,12 @@ def quantization_rows(report: dict[str, Any]) -> list[list[str]]:
             art: dict[str, Any] = next(
                 (a for a in report["artifacts"] if a["path"] == q["artifact"]), {})
             out.append([q["model"], str(q.get("method")), str(q.get("length") or "-"),
-                        _fmt(base[k]), _fmt(q[k]), _delta(report, q[k], base[k]),
+                        _fmt(base[k]), _fmt(q[k]), delta(report, q[k], base[k]),
                         f"{fmt_ms(base['latency_ms']['p50'])} -> {fmt_ms(q['latency_ms']['p50'])}",
                         f"{base['latency_ms']['p50'] / q['latency_ms']['p50']:.2f}x",
                         f"{q['bytes'] / max(1, base['bytes']):.2f}",
                         _fmt(art.get("int8_coverage"), 3)])
     return out
-
-
-def _distill_line(m: dict[str, Any]) -> str:
-    mode, split = m.get("mode", "kd"), m.get("eval_split")
-    if mode == "born_again":
-        line = (f"Born-again student, accuracy on the {split} split by generation: "
-                + " -> ".join(f"{a:.4f}" for a in m["generation_accuracy"]))
-    elif mode == "ema":
-        line = (f"Student distilled from its own moving average: {m['accuracy']:.4f} on the "
-                f"{split} split (the moving-average teacher {m['ema_accuracy']:.4f})")
-    elif mode == "mutual":
-        line = ("Mutual distillation, accuracy on the " f"{split} split: " + ", ".join(
-            f"{n} {a:.4f}" for n, a in m["peer_accuracy"].items())
-            + f" (their ensemble {m['ensemble_accuracy']:.4f})")
-    else:
-        line = (f"Distilled student: {m['accuracy']:.4f} accuracy on the {split} split "
-                f"(teacher {m['teacher_accuracy']:.4f}, T = {m['temperature']:g}, top-1 "
-                f"agreement {m['teacher_agreement']:.3f}, 1/{1 / m['student_param_ratio']:.0f} "
-                "of its parameters)")
-    if "baseline_accuracy" in m:
-        line += (f"; the same student trained without a teacher: {m['baseline_accuracy']:.4f} "
-                 f"({100 * m['gain_over_baseline']:+.1f} points from distillation)")
-    return line + "."
 
 
 def distill_rows(report: dict[str, Any]) -> list[list[str]]:
@@ -133,38 +95,6 @@ def distill_rows(report: dict[str, Any]) -> list[list[str]]:
                          f"1/{1 / t['student_param_ratio']:.0f}",
                          _fmt(s["metrics"].get("teacher_agreement"), 3)])
     return rows
-
-
-def distill_findings(s: dict[str, Any], report: dict[str, Any]) -> list[str]:
-    """A distill stage: the student against its teachers (and the baseline), or for
-    embeddings the cosine and neighbour agreement gained; the diagnostics' warnings."""
-    m, lines = s["metrics"], []
-    if "accuracy" in m:
-        lines.append(_distill_line(m))
-        lines += [f"Warning ({s['name']}): {w}." for w in m.get("warnings", [])]
-    if "cosine" in m:
-        start = m.get("initial", {})
-        lines.append(
-            f"Distilled student on the {m.get('eval_split')} split: cosine to the teacher's "
-            f"embeddings {start.get('cosine', float('nan')):.4f} -> {m['cosine']:.4f}, "
-            f"top-1 nearest-neighbour agreement {start.get('nn_agreement', float('nan')):.4f}"
-            f" -> {m['nn_agreement']:.4f} (torch, FP32).")
-    return lines
-
-
-def shrink_findings(s: dict[str, Any], report: dict[str, Any]) -> list[str]:
-    """A prune or lowrank stage: MACs, parameters, latency and quality before and after."""
-    m, k = s["metrics"], _metric(report)
-    if "change" not in m:  # nothing was changed (a model left whole)
-        return []
-    c = m["change"]
-    return [
-        f"{s['type'].capitalize()} ({s['name']}): MACs x{c['macs_ratio']:.2f}, params "
-        f"x{c['params_ratio']:.2f}, batch-1 latency {fmt_ms(m['before']['latency_ms'])} -> "
-        f"{fmt_ms(m['after']['latency_ms'])} (x{1 / c['latency_speedup']:.2f}), "
-        f"{_label(report)} {m['before'][k]:.4f} -> {m['after'][k]:.4f}"
-        f" ({_delta(report, m['after'][k], m['before'][k])}).",
-        *(f"Warning ({s['name']}): {w}." for w in c["warnings"])]
 
 
 FINDINGS = 10
@@ -201,7 +131,7 @@ def _stage_findings(report: dict[str, Any]) -> list[str]:
 def _comparisons(report: dict[str, Any]) -> list[list[str]]:
     """Per target and batch (and length): the student against the teacher, each INT8 file
     against its FP32 file and the INT8 student against the FP32 teacher."""
-    k = _metric(report)
+    k = metric_key(report)
     out = []
     for group in _by_target_and_batch(report["benchmarks"]):
         lines: list[str] = []
@@ -214,7 +144,7 @@ def _comparisons(report: dict[str, Any]) -> list[list[str]]:
             lines.append(
                 f"On {b['target']} at {_at(b)}, the student ONNX runs {_pace(speedup)} than the "
                 f"teacher ONNX (p50 {fmt_ms(b['latency_ms']['p50'])} vs "
-                f"{fmt_ms(t['latency_ms']['p50'])}) at {_delta(report, b[k], t[k])}, in a "
+                f"{fmt_ms(t['latency_ms']['p50'])}) at {delta(report, b[k], t[k])}, in a "
                 f"{t['bytes'] / max(1, b['bytes']):.1f}x smaller file.")
         for q in group:
             base = fp32.get(q.get("model"))
@@ -226,14 +156,14 @@ def _comparisons(report: dict[str, Any]) -> list[list[str]]:
                 f"{_pace(base['latency_ms']['p50'] / q['latency_ms']['p50'])} than its FP32 "
                 f"file (p50 {fmt_ms(q['latency_ms']['p50'])} vs "
                 f"{fmt_ms(base['latency_ms']['p50'])}) "
-                f"at {_delta(report, q[k], base[k])}, in "
+                f"at {delta(report, q[k], base[k])}, in "
                 f"{q['bytes'] / max(1, base['bytes']):.2f}x the bytes.")
             teacher = fp32.get("teacher")
             if q.get("model") == "student" and teacher is not None:
                 lines.append(
                     f"On {q['target']} at {_at(q)}, the INT8 student runs "
                     f"{_pace(teacher['latency_ms']['p50'] / q['latency_ms']['p50'])} than the "
-                    f"FP32 teacher at {_delta(report, q[k], teacher[k])}, in "
+                    f"FP32 teacher at {delta(report, q[k], teacher[k])}, in "
                     f"{q['bytes'] / max(1, teacher['bytes']):.2f}x its bytes.")
     return out
 
@@ -249,7 +179,7 @@ class Section:
 
 
 def sections(report: dict[str, Any]) -> list[Section]:
-    k, label = _metric(report), _label(report)
+    k, label = metric_key(report), metric_label(report)
     out = [Section("Stages", ["stage", "status", "seconds", "params", "MACs", "ONNX KiB",
                               "batch-1 p50, 1 thread", label], [
         [f"{s['index']:02d}-{s['type']}", s["status"], _seconds(s), _fmt(s["params"]),
@@ -378,7 +308,7 @@ def verdicts(report: dict[str, Any]) -> list[str]:
     tol = next((s["metrics"]["verdict_tolerance"] for s in report["stages"]
                 if "verdict_tolerance" in s["metrics"]), 0.01)
     lines = []
-    k = _metric(report)
+    k = metric_key(report)
     for target in dict.fromkeys(b["target"] for b in report["benchmarks"]):
         rows = [b for b in report["benchmarks"] if b["target"] == target]
         bs = min(b["batch_size"] for b in rows)
@@ -398,7 +328,7 @@ def verdicts(report: dict[str, Any]) -> list[str]:
         tie = (f"; as fast as {', '.join(others)} within measurement noise, and the smallest"
                if others else "")
         within = f"{100 * tol:g} point{'' if tol == 0.01 else 's'}" if k == "accuracy" \
-            else f"{tol:g} {_label(report)}"
+            else f"{tol:g} {metric_label(report)}"
         best_one = "the most accurate one" if k == "accuracy" else "the best one"
         if pick is ref:
             lines.append(f"{target}: ship {name}: no other file is as fast within {within} "
@@ -407,7 +337,7 @@ def verdicts(report: dict[str, Any]) -> list[str]:
         pace = _pace(ref["latency_ms"]["p50"] / pick["latency_ms"]["p50"])
         lines.append(
             f"{target}: ship {name}: {pace} than {Path(ref['artifact']).name} at "
-            f"{_delta(report, pick[k], ref[k])}, {pick['bytes'] / max(1, ref['bytes']):.2f}x "
+            f"{delta(report, pick[k], ref[k])}, {pick['bytes'] / max(1, ref['bytes']):.2f}x "
             f"its size ({_at(pick)}: the fastest file within {within} of {best_one}{tie}).")
     return lines
 

@@ -26,7 +26,7 @@ from compresskit.config.stages import (
     TrainConfig,
 )
 from compresskit.registry import Registry
-from compresskit.report.text import distill_findings, shrink_findings
+from compresskit.report.findings import distill_findings, shrink_findings
 
 Findings = Callable[[dict[str, Any], dict[str, Any]], list[str]]
 
