@@ -12,15 +12,17 @@ import pytest
 from compresskit import api
 from tests.conftest import ROOT
 
-PIPELINES = sorted((ROOT / "pipelines").glob("*.yaml"))
+PIPELINES = sorted((ROOT / "pipelines").rglob("*.yaml"))
+NAMES = [str(p.relative_to(ROOT / "pipelines")) for p in PIPELINES]
 
 
-@pytest.mark.parametrize("path", PIPELINES, ids=[p.name for p in PIPELINES])
+@pytest.mark.parametrize("path", PIPELINES, ids=NAMES)
 def test_example_pipeline_validates(path, monkeypatch):
     monkeypatch.chdir(ROOT)
     api.validate(path)
     header = path.read_text().splitlines()[:3]
-    assert header[0].startswith("# ") and any(f"Run: compresskit run pipelines/{path.name}" in h
+    name = path.relative_to(ROOT / "pipelines")
+    assert header[0].startswith("# ") and any(f"Run: compresskit run pipelines/{name}" in h
                                               for h in header)
 
 
