@@ -30,7 +30,6 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-LEVELS = ("disable", "basic", "extended", "all")
 ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni",
              "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16",  # x86
              "neon", "asimd", "asimddp", "asimdhp", "i8mm", "bf16", "sve", "sve2")  # Arm
