@@ -24,10 +24,6 @@ ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
               "tensor(double)": np.float64, "tensor(int64)": np.int64,
               "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
               "tensor(bool)": np.bool_}
-LEVELS = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-          "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-          "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-          "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
 
 
 class TargetUnavailable(Exception):
