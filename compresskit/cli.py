@@ -126,6 +126,7 @@ def _summary(report: dict[str, Any]) -> None:
     from compresskit.measure.quality import LABELS, METRICS
     from compresskit.ops.latency import fmt_ms
     from compresskit.report import verdicts
+    from compresskit.report.findings import grouped_warnings
 
     narrow = Console(highlight=False,
                      width=min(out.width, WIDTH) if out.is_terminal else WIDTH)
@@ -163,6 +164,12 @@ def _summary(report: dict[str, Any]) -> None:
         narrow.print(c)
     for line in verdicts(report):
         narrow.print(f"[bold]{line}[/bold]")
+    flagged = grouped_warnings(report)
+    if flagged:
+        narrow.print(f"[yellow]{len(flagged)} warning{'s' if len(flagged) > 1 else ''}[/yellow] "
+                     "(each once; details in report.md):")
+        for line in flagged:
+            narrow.print(f"  {line}", markup=False)
     out.print(f"report: {Path(report['run_dir']) / 'report.md'} (and report.html)")
 
 

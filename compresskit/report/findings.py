@@ -78,3 +78,19 @@ def shrink_findings(s: dict[str, Any], report: dict[str, Any]) -> list[str]:
         f"{metric_label(report)} {m['before'][k]:.4f} -> {m['after'][k]:.4f}"
         f" ({delta(report, m['after'][k], m['before'][k])}).",
         *(f"Warning ({s['name']}): {w}." for w in c["warnings"])]
+
+
+def grouped_warnings(report: dict[str, Any]) -> list[str]:
+    """Every warning of a run once, by stage: what the distillation diagnostics and the
+    compression measurements flagged, stages over their time budget, targets that could not
+    measure."""
+    out = []
+    for s in report["stages"]:
+        m = s["metrics"]
+        found = [*m.get("warnings", []), *m.get("change", {}).get("warnings", [])]
+        if s.get("over_budget"):
+            found.append(f"took longer than its time_budget of {s['time_budget']:g} s")
+        for key in ("unavailable_targets", "failed_targets"):
+            found += [f"target {t}: {why}" for t, why in m.get(key, {}).items()]
+        out += [f"{s['name']}: {w}" for w in dict.fromkeys(found)]
+    return out

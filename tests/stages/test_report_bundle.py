@@ -190,3 +190,20 @@ def test_a_latency_difference_inside_the_noise_is_a_tie_won_by_the_smaller_file(
         b["latency_ms"] = {"p50": p50, "p90": p50 * 1.05, "std": 0.2}
     (line,) = verdicts(report)
     assert line.startswith("cpu: ship a.int8.onnx: ") and "noise" not in line
+
+
+def test_warnings_are_listed_once_per_stage():
+    from compresskit.report.findings import grouped_warnings
+
+    report = {"stages": [
+        {"name": "01-distill", "metrics": {"warnings": ["soft targets are nearly one-hot"]}},
+        {"name": "02-prune", "metrics": {"change": {"warnings": ["latency did not follow MACs",
+                                                                "latency did not follow MACs"]}},
+         "over_budget": True, "time_budget": 60.0},
+        {"name": "03-benchmark", "metrics": {"failed_targets": {"pi": "ssh could not log in"},
+                                             "unavailable_targets": {}}}]}
+    assert grouped_warnings(report) == [
+        "01-distill: soft targets are nearly one-hot",
+        "02-prune: latency did not follow MACs",
+        "02-prune: took longer than its time_budget of 60 s",
+        "03-benchmark: target pi: ssh could not log in"]
