@@ -119,9 +119,8 @@ def _answer(remote: Remote, name: str, out: subprocess.CompletedProcess) -> dict
                 "by a signal, usually the device running out of memory); time fewer or "
                 "smaller files, or smaller batches")
         if remote.ssh is not None and out.returncode == 255:
-            why = last
             raise RemoteError(
-                f"target '{name}': ssh could not log in to {remote.ssh} ({why}). The command "
+                f"target '{name}': ssh could not log in to {remote.ssh} ({last}). The command "
                 f"was: {remote.shown()}. Check that it logs in without a password prompt: a "
                 "key in ~/.ssh/config, or ssh_options: [-i, KEYFILE]")
         if out.returncode in (126, 127) or "python" in last.lower() and (

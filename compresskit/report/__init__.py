@@ -22,7 +22,7 @@ def build(name: str, records: list[Any], seconds: float, pipeline: str,
     stages, artifacts, benchmarks = [], [], []
     for r in records:
         m = r.manifest
-        budget = getattr(r, "time_budget", None)
+        budget = r.time_budget
         took = m.get("seconds", r.seconds)  # what computing the stage took, cached or not
         stages.append({
             "index": r.index, "type": r.type, "name": r.name, "status": r.status,
