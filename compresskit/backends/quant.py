@@ -723,3 +723,127 @@ def ptq(fp32: Path, out: Path, batches: list[Any], *, per_channel: bool,
     _compact(model)
     onnx.save(model, str(out))
 
+
+
+# -- float fallback (max_drop) ----------------------------------------------------------------
+def layer_id(node: onnx.NodeProto) -> str:
+    return node.name or node.output[0]
+
+
+def integer_layers(path: Path) -> list[str]:
+    """The weighted layers (Conv/Gemm/MatMul) of a QDQ file whose weight and activation both
+    come dequantized: those onnxruntime can run as integer code, in graph order."""
+    model = onnx.load(str(path))
+    consts = _const_arrays(model)
+    producers = {o: n for n in model.graph.node for o in n.output}
+
+    def dequantized(name: str, const: bool) -> bool:
+        n = producers.get(name)
+        if n is not None and n.op_type == "Transpose" and const:
+            n = producers.get(n.input[0])
+        return n is not None and n.op_type == "DequantizeLinear" and (n.input[0] in consts) == const
+
+    return [layer_id(n) for n in model.graph.node
+            if n.op_type in WEIGHTED_OPS and len(n.input) >= 2
+            and dequantized(n.input[1], True) and dequantized(n.input[0], False)]
+
+
+def _dequantize(consts: dict[str, np.ndarray], node: onnx.NodeProto) -> np.ndarray:
+    q = consts[node.input[0]].astype(np.float32)
+    scale = consts[node.input[1]].astype(np.float32)
+    zero = consts[node.input[2]].astype(np.float32) if len(node.input) > 2 and node.input[2] \
+        else np.zeros_like(scale)
+    if scale.ndim == 1 and scale.size > 1:  # per channel, along `axis`
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % q.ndim
+        shape = [1] * q.ndim
+        shape[axis] = scale.size
+        scale, zero = scale.reshape(shape), zero.reshape(shape)
+    return ((q - zero) * scale).astype(np.float32)
+
+
+def keep_float(source: Path, out: Path, layers: Iterable[str]) -> None:
+    """A copy of a QDQ file in which `layers` (ids from `integer_layers`) run in float: each
+    reads the float tensor its activation quantizer was given, and float weights and biases
+    (the dequantized values, so a QAT layer keeps the weights it was trained with). Nothing
+    else changes: the next layer still reads its quantized input."""
+    model = onnx.load(str(source))
+    consts = _const_arrays(model)
+    producers = {o: n for n in model.graph.node for o in n.output}
+    wanted = set(layers)
+    folded: dict[str, str] = {}
+    clipped: dict[str, str] = {}
+    added: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in model.graph.node:
+        if layer_id(node) not in wanted:
+            continue
+        for i, name in enumerate(node.input):
+            p = producers.get(name)
+            perm = None
+            if p is not None and p.op_type == "Transpose":
+                perm = next((list(a.ints) for a in p.attribute if a.name == "perm"), None)
+                p = producers.get(p.input[0])
+                if p is None or p.op_type != "DequantizeLinear" or p.input[0] not in consts:
+                    continue
+            if p is None or p.op_type != "DequantizeLinear":
+                continue
+            if p.input[0] in consts:
+                if name not in folded:
+                    w = _dequantize(consts, p)
+                    w = np.transpose(w, perm) if perm is not None else w
+                    folded[name] = f"{name}_float"
+                    model.graph.initializer.append(numpy_helper.from_array(w, folded[name]))
+                node.input[i] = folded[name]
+            else:
+                q = producers.get(p.input[0])
+                if q is not None and q.op_type == "QuantizeLinear":
+                    if q.output[0] not in clipped:
+                        clipped[q.output[0]] = _clip_like(model, consts, q, added)
+                    node.input[i] = clipped[q.output[0]]
+    if added:  # each Clip right after the tensor it clips, so the graph stays sorted
+        order: list[onnx.NodeProto] = [*added.get("", [])]
+        for n in model.graph.node:
+            order.append(n)
+            for o in n.output:
+                order += added.get(o, [])
+        del model.graph.node[:]
+        model.graph.node.extend(order)
+    _drop_dead(model)
+    onnx.save(model, str(out))
+
+
+def _clip_like(model: onnx.ModelProto, consts: dict[str, np.ndarray], q: onnx.NodeProto,
+               added: dict[str, list[onnx.NodeProto]]) -> str:
+    """The float tensor a QuantizeLinear reads, clipped to the range it can represent: a
+    quantizer also clips (onnxruntime's quantizer drops a ReLU whose uint8 quantizer has zero
+    point 0), and its layer in float must still see what the integer one saw, less rounding."""
+    from onnx import helper
+
+    scale = float(consts[q.input[1]].reshape(-1)[0])
+    zp_array = consts[q.input[2]] if len(q.input) > 2 and q.input[2] else np.zeros((), np.uint8)
+    info = np.iinfo(zp_array.dtype)
+    zero = float(zp_array.reshape(-1)[0])
+    lo, hi = (info.min - zero) * scale, (info.max - zero) * scale
+    src = q.input[0]
+    out = f"{src}_clip{sum(map(len, added.values()))}"
+    bounds = [numpy_helper.from_array(np.array(v, np.float32), f"{out}_{k}")
+              for k, v in (("lo", lo), ("hi", hi))]
+    model.graph.initializer.extend(bounds)
+    node = helper.make_node("Clip", [src, bounds[0].name, bounds[1].name], [out])
+    producer_output = src if any(src in n.output for n in model.graph.node) else ""
+    added[producer_output].append(node)
+    return out
+
+
+def _drop_dead(model: onnx.ModelProto) -> None:
+    """Remove nodes nothing reads any more, then initializers nothing reads."""
+    graph = model.graph
+    while True:
+        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        dead = [n for n in graph.node if not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            graph.node.remove(n)
+    used = {i for n in graph.node for i in n.input}
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)

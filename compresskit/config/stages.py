@@ -219,6 +219,16 @@ class Int8Options(StageBase):
         ),
     )
     per_channel: bool = Field(True, description="One weight scale per output channel.")
+    max_drop: float | None = Field(
+        None, ge=0, le=100,
+        description=(
+            "Points of the task's metric (0.5: half a point of accuracy) the INT8 file may "
+            "lose against the FP32 model on the evaluation split. When it loses more, layers "
+            "are kept in float one at a time, chosen on training inputs by error regained per "
+            "measured millisecond, until the drop holds within min_int8_coverage; the stage "
+            "fails when it cannot. Unset: the all-INT8 file, whatever it loses."
+        ),
+    )
 
 
 class QatConfig(Int8Options, OptimOptions, TeacherCacheOptions):
@@ -302,6 +312,12 @@ class PtqConfig(Int8Options):
             "vary by input."
         ),
     )
+
+    def problems(self, pipeline: Any) -> list[tuple[tuple[Any, ...], str]]:
+        if self.dynamic and self.max_drop is not None:
+            return [(("max_drop",), "max_drop keeps layers of a static (QDQ) file in float; a "
+                     "dynamic file has no quantizers to take out; drop one of the two")]
+        return []
 
 
 class ExportConfig(StageBase):

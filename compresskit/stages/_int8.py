@@ -134,3 +134,94 @@ def publish(ctx: StageContext, cfg: Int8Options, staged: Path, rel: str, fp32: P
                 "sha256": sha256_file(final), "int8_coverage": metrics["int8_coverage"]}
     return metrics, artifact
 
+
+
+TIMED_CANDIDATES = 16
+"""At most this many layers (those whose float version regains most) are timed for max_drop."""
+
+
+def hold_drop(ctx: StageContext, cfg: Int8Options, staged: Path, fp32: Path, fp32_score: float,
+              x: Any, y: np.ndarray, batches: list[Any]) -> dict[str, Any] | None:
+    """`max_drop`: when the INT8 file loses more than `cfg.max_drop` points of the task's
+    metric against the FP32 model on the evaluation split, keep layers in float, greedily by
+    error regained per measured millisecond, until the drop holds; `staged` is rewritten.
+
+    Which layers, and in what order, is decided on training inputs (the calibration samples):
+    each layer alone in float, its outputs' squared error to the FP32 file's, and its latency
+    timed against the all-INT8 file, interleaved. The evaluation split only says when to stop.
+    Layers that would take the INT8 coverage under `min_int8_coverage` are passed over; the
+    stage fails when no allowed choice holds the drop."""
+    if cfg.max_drop is None:
+        return None
+    from compresskit.models import inputs
+
+    task = ctx.config.task
+    metric = quality.primary(task)
+
+    def drop(path: Path) -> float:
+        return (fp32_score - quality.main(task, onnx_logits(path, x), y)) * 100
+
+    before = drop(staged)
+    found: dict[str, Any] = {"max_drop": cfg.max_drop, "drop_before": before, "drop": before,
+                             "kept_float": []}
+    if before <= cfg.max_drop:
+        return found
+    xs = inputs.numpy(inputs.cat(batches), [i.dtype for i in ctx.config.inputs])
+    reference = onnx_logits(fp32, xs)
+    scale = max(float(np.mean(reference.astype(np.float64) ** 2)), 1e-12)
+
+    def error(path: Path) -> float:
+        return float(np.mean((onnx_logits(path, xs) - reference) ** 2)) / scale
+
+    work = ctx.work_dir / "float-fallback"
+    work.mkdir(parents=True, exist_ok=True)
+    base_error = error(staged)
+    variants: dict[str, Path] = {}
+    regained: dict[str, float] = {}
+    for i, layer in enumerate(quant.integer_layers(staged)):
+        variants[layer] = work / f"layer{i}.onnx"
+        quant.keep_float(staged, variants[layer], [layer])
+        regained[layer] = base_error - error(variants[layer])
+    helpful = sorted((k for k, v in regained.items() if v > 0), key=regained.__getitem__,
+                     reverse=True)[:TIMED_CANDIDATES]
+    if not helpful:
+        raise StageError(ctx.name, (
+            f"the INT8 file loses {before:.2f} points of {quality.LABELS[metric]} (max_drop "
+            f"{cfg.max_drop}) and no single layer in float brings its outputs closer to the "
+            "FP32 file's; raise max_drop, or train longer"))
+    timing = profile.latency({"int8": staged, **{k: variants[k] for k in helpful}}, x, 50)
+    base_ms = timing["p50_ms"]["int8"]
+    cost = {k: max(timing["p50_ms"][k] - base_ms, 0.01 * base_ms) for k in helpful}
+    order = sorted(helpful, key=lambda k: regained[k] / cost[k], reverse=True)
+    kept: list[str] = []
+    trial = work / "trial.onnx"
+    now = before
+    for layer in order:
+        quant.keep_float(staged, trial, [*kept, layer])
+        coverage = quant.int8_coverage(fp32, quant.optimized_graph(
+            trial, work / "trial.optimized.onnx"))["int8_coverage"]
+        if coverage < cfg.min_int8_coverage:
+            continue
+        kept.append(layer)
+        now = drop(trial)
+        if now <= cfg.max_drop:
+            break
+    if now > cfg.max_drop:
+        shutil.rmtree(work, ignore_errors=True)
+        raise StageError(ctx.name, (
+            f"the INT8 file loses {before:.2f} points of {quality.LABELS[metric]} (max_drop "
+            f"{cfg.max_drop}); with {len(kept)} layer(s) kept in float it still loses "
+            f"{now:.2f} and the coverage floor (min_int8_coverage {cfg.min_int8_coverage}) "
+            "allows no more; raise max_drop, lower min_int8_coverage, or train longer; "
+            "nothing was written"))
+    quant.keep_float(staged, trial, kept)
+    timed = profile.latency({"all_int8": staged, "kept_float": trial}, x, 100)["p50_ms"]
+    shutil.move(str(trial), str(staged))
+    shutil.rmtree(work, ignore_errors=True)
+    found.update(drop=now, latency_ms=timed, kept_float=[
+        {"layer": k, "error_regained": regained[k] / max(base_error, 1e-12),
+         "ms": cost[k]} for k in kept])
+    ctx.log(f"max_drop {cfg.max_drop}: the all-INT8 file lost {before:.2f} points; kept in "
+            f"float: {', '.join(kept)}; it now loses {now:.2f}, batch-1 "
+            f"{fmt_ms(timed['all_int8'])} -> {fmt_ms(timed['kept_float'])}")
+    return found

@@ -10,9 +10,9 @@ from compresskit.backends import quant
 from compresskit.config import PtqConfig
 from compresskit.engine.context import StageContext, StageResult
 from compresskit.errors import StageError
-from compresskit.measure import profile
+from compresskit.measure import profile, quality
 from compresskit.models import inputs
-from compresskit.stages._int8 import calibration, onnx_logits, publish
+from compresskit.stages._int8 import calibration, hold_drop, onnx_logits, publish
 
 
 def run(cfg: PtqConfig, ctx: StageContext) -> StageResult:
@@ -34,11 +34,15 @@ def run(cfg: PtqConfig, ctx: StageContext) -> StageResult:
         raise StageError(ctx.name, f"onnxruntime could not quantize {source['path']} "
                                    f"({type(e).__name__}: {first})") from None
     reference = onnx_logits(fp32, x)
+    fp32_scores = profile.score(ctx, reference, y)
+    fallback = hold_drop(ctx, cfg, staged, fp32, fp32_scores[quality.primary(ctx.config.task)],
+                         x, y, batches)
     metrics, artifact = publish(
         ctx, cfg, staged, f"artifacts/{cfg.model}.ptq.int8.onnx", fp32, x, y,
         {"method": "ptq", "dynamic": cfg.dynamic,
-         **{f"fp32_{k}": v for k, v in profile.score(ctx, reference, y).items()},
-         "eval_split": ctx.data().eval_name},
+         **{f"fp32_{k}": v for k, v in fp32_scores.items()},
+         "eval_split": ctx.data().eval_name,
+         **({"float_fallback": fallback} if fallback else {})},
         reference=reference)
     artifact["model"] = cfg.model
     return StageResult(metrics=metrics, artifacts=[artifact])

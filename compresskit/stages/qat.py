@@ -32,6 +32,7 @@ from compresskit.stages._int8 import (
     agreement,
     agrees,
     calibration,
+    hold_drop,
     onnx_logits,
     publish,
     shown,
@@ -108,6 +109,7 @@ def _write(cfg: QatConfig, ctx: StageContext, model: torch.nn.Module, x: Any, y:
     closed = quant.close_qdq(staged, batches)
     method = "qat+kd" if cfg.distill else "qat"
     metric = quality.primary(ctx.config.task)
+    fallback = hold_drop(ctx, cfg, staged, fp32_path, fp32[metric], x, y, batches)
     metrics, artifact = publish(
         ctx, cfg, staged, cfg.artifact(), fp32_path, x, y,
         {"method": method, f"fp32_{metric}": fp32[metric],
@@ -116,7 +118,8 @@ def _write(cfg: QatConfig, ctx: StageContext, model: torch.nn.Module, x: Any, y:
          "dropped_activations": saturated, "unsigned_activation_quantizers": unsigned,
          "added_quantizers": closed, "export_fidelity": fidelity,
          "fake_quantize_rewritten": fake_quantize,
-         "eval_split": ctx.data().eval_name},
+         "eval_split": ctx.data().eval_name,
+         **({"float_fallback": fallback} if fallback else {})},
         reference=onnx_logits(staged, x, simulate=True), logit_tol=cfg.logit_tol,
         min_agreement=cfg.min_agreement)
     fp32_path.unlink(missing_ok=True)
