@@ -56,20 +56,21 @@ def _data(task: str, samples: tuple[int, int]) -> dict[str, Any]:
 
 
 def _pipeline(name: str, task: str, teacher: Path, epochs: int,
-              samples: tuple[int, int]) -> dict[str, Any]:
+              samples: tuple[int, int], max_drop: float | None = None) -> dict[str, Any]:
     cls, _, inputs = TEACHERS[task]
     student: dict[str, Any] = {"source": "archs.py:build", "kwargs": {"name": name}}
     if archs().ARCHS[name][0] == "transformers":
         student["output"] = {"key": "logits"}
     fast = {"latency_runs": 10}
+    budget = {} if max_drop is None else {"max_drop": max_drop}
     stages: list[dict[str, Any]] = [
         {"type": "distill", "epochs": epochs, "lr": 0.003},
         {"type": "prune", "ratio": 0.25, "recover": 1, "lr": 0.001, "trace_seconds": 60, **fast},
         {"type": "lowrank", "rank_ratio": 0.5, "recover": 1, "lr": 0.001, "min_reduction": 0.1,
          **fast},
-        {"type": "qat", "epochs": 1, "lr": 0.0001, "calibration_samples": 64},
+        {"type": "qat", "epochs": 1, "lr": 0.0001, "calibration_samples": 64, **budget},
         {"type": "export", "models": ["student"], "bundle": False},
-        {"type": "ptq", "calibration_samples": 64},
+        {"type": "ptq", "calibration_samples": 64, **budget},
         {"type": "benchmark", "runs": 20, "warmup": 3, "memory": False},
     ]
     return {
@@ -99,7 +100,8 @@ def teachers(out: Path, samples: tuple[int, int] = (320, 160),
 
 
 def run_one(name: str, out: Path, teacher_paths: dict[str, Path], epochs: int,
-            samples: tuple[int, int] = (320, 160)) -> dict[str, Any]:
+            samples: tuple[int, int] = (320, 160),
+            max_drop: float | None = None) -> dict[str, Any]:
     """One architecture through the chain; the row of the matrix."""
     from compresskit import api
     from compresskit.errors import ConfigError, StageError
@@ -112,7 +114,8 @@ def run_one(name: str, out: Path, teacher_paths: dict[str, Path], epochs: int,
     report: dict[str, Any] | None = None
     error = ""
     try:
-        report = api.run(_pipeline(name, task, teacher_paths[task], epochs, samples), base_dir=ZOO,
+        report = api.run(_pipeline(name, task, teacher_paths[task], epochs, samples, max_drop),
+                         base_dir=ZOO,
                          output_dir=out / name.replace(" ", "-"), show_progress=False)
     except (ConfigError, StageError) as e:
         error = str(e).replace("\n", " ")
@@ -153,6 +156,9 @@ def run_one(name: str, out: Path, teacher_paths: dict[str, Path], epochs: int,
     if row["fp32_accuracy"] is not None and row["ptq_accuracy"] is not None:
         row["ptq_within_1_point"] = row["ptq_accuracy"] >= row["fp32_accuracy"] - 0.01
     row["float_layers"] = qat.get("float_nodes", [])
+    for key, metrics in (("qat", qat), ("ptq", ptq)):  # max_drop's choice
+        kept = (metrics.get("float_fallback") or {}).get("kept_float")
+        row[f"{key}_kept_float"] = None if kept is None else [k["layer"] for k in kept]
     return row
 
 
@@ -163,18 +169,25 @@ def _read(path: Path) -> dict[str, Any] | None:
 def markdown(rows: list[dict[str, Any]]) -> str:
     head = ["architecture", *STAGES, "INT8 coverage", "FP32 acc", "QAT INT8 acc",
             "PTQ INT8 acc", "INT8/FP32 ms", "slowest stage"]
+    budget = any(r.get("qat_kept_float") is not None for r in rows)
+    if budget:
+        head.insert(-2, "kept float (QAT, PTQ)")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     mark = {"done": "done", "cached": "done", "failed": "**failed**", "not reached": "-"}
 
     def num(v: Any, f: str) -> str:
         return "-" if v is None else format(v, f)
 
+    def kept(r: dict[str, Any]) -> list[str]:
+        counts = [r.get(f"{k}_kept_float") for k in ("qat", "ptq")]
+        return [", ".join("-" if c is None else str(len(c)) for c in counts)] if budget else []
+
     for r in rows:
         lines.append("| " + " | ".join([
             r["architecture"], *(mark.get(r["stages"][t], r["stages"][t]) for t in STAGES),
             num(r.get("int8_coverage"), ".3f"), num(r.get("fp32_accuracy"), ".3f"),
             num(r.get("int8_accuracy"), ".3f"), num(r.get("ptq_accuracy"), ".3f"),
-            num(r.get("int8_latency_ratio"), ".2f"), _slowest(r)])
+            *kept(r), num(r.get("int8_latency_ratio"), ".2f"), _slowest(r)])
             + " |")
     failures = [f"- {r['architecture']}: {r['error']}" for r in rows if r.get("error")]
     return "\n".join(lines + ([""] + failures if failures else []))
@@ -197,6 +210,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         help="digits to train on (at most 1437)")
     parser.add_argument("--test-samples", type=int, default=160,
                         help="digits to measure accuracy on (at most 360)")
+    parser.add_argument("--max-drop", type=float, default=None,
+                        help="qat's and ptq's max_drop (accuracy points): layers that lose "
+                             "more are kept in float")
     args = parser.parse_args(argv)
     ARCHS = archs().ARCHS  # noqa: N806
     names = args.only or list(ARCHS)
@@ -208,7 +224,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     paths = teachers(args.out, samples)
     rows = []
     for name in names:
-        row = run_one(name, args.out, paths, args.epochs, samples)
+        row = run_one(name, args.out, paths, args.epochs, samples, args.max_drop)
         rows.append(row)
         states = ", ".join(f"{t} {row['stages'][t]}" for t in STAGES)
         print(f"{name}: {states} ({row['seconds_total']:.0f} s)" + (
