@@ -26,8 +26,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from compresskit import bench  # noqa: E402
 from compresskit.backends.onnx_export import export_onnx  # noqa: E402
+from compresskit.measure import bench  # noqa: E402
 from compresskit.measure.targets import Target  # noqa: E402
 from models.resnet import resnet  # noqa: E402
 
