@@ -126,7 +126,19 @@ class PruneConfig(CompressOptions):
     )
     round_to: int | None = Field(
         None, ge=1,
-        description="Keep channel counts multiples of N (8 suits most CPU kernels).",
+        description=(
+            "Keep channel counts multiples of N. Unset: the channel block of the kernels "
+            "onnxruntime runs on `target` (16 with AVX-512, 8 with AVX2, on CUDA and on Arm), "
+            "read from its CPU's flags; 1 turns rounding off."
+        ),
+    )
+    target: str | None = Field(
+        None,
+        description=(
+            "The device the model is pruned for, whose kernels choose round_to: a built-in "
+            "target or one under targets:. Unset: the first target of the pipeline's "
+            "benchmark stage, else cpu."
+        ),
     )
     heads: bool = Field(
         True,

@@ -301,9 +301,14 @@ def _target_problems(cfg: PipelineConfig, file: str, lines: dict[Path_, int]) ->
     out = []
     known = [*TARGETS, *cfg.targets]
     for i, stage in enumerate(cfg.stages):
-        for j, name in enumerate(getattr(stage, "targets", [])):
+        named: list[tuple[tuple[Any, ...], str]] = [
+            (("stages", i, "targets", j), name)
+            for j, name in enumerate(getattr(stage, "targets", []))]
+        target = getattr(stage, "target", None)  # prune's
+        if isinstance(target, str):
+            named.append((("stages", i, "target"), target))
+        for path, name in named:
             if name not in known:
-                path = ("stages", i, "targets", j)
                 out.append(Problem(
                     f"unknown target '{name}'{did_you_mean(name, known)}; known: "
                     f"{', '.join(known)} (or define it under 'targets:')", file=file,

@@ -116,9 +116,9 @@ def compare(before: dict[str, Any], after: dict[str, Any], speedup: float,
     if macs_cut >= 0.2 and latency_cut < macs_cut / 2:
         out["warnings"].append(
             f"MACs {-100 * macs_cut:.0f}%, latency {-100 * latency_cut:+.0f}%: latency did not "
-            "follow MACs. Channel counts that are not multiples of 8, or layers bound by memory "
-            "rather than arithmetic, are the usual causes; try round_to: 8, or compress the "
-            "largest layers only")
+            "follow MACs. Channel counts that are not multiples of the kernels' channel block "
+            "(prune's round_to; unset, it follows the target's CPU), or layers bound by memory "
+            "rather than arithmetic, are the usual causes; compress the largest layers only")
     elif latency_cut < -0.03:
         out["warnings"].append(f"latency rose by {-100 * latency_cut:.0f}% (batch 1, one thread)")
     return out

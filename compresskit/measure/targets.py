@@ -13,7 +13,7 @@ from compresskit.backends.device_runner import physical_cores
 from compresskit.backends.remote import Remote
 from compresskit.registry import Registry
 
-__all__ = ["TARGETS", "Target", "physical_cores", "resolve"]
+__all__ = ["TARGETS", "Target", "channel_block", "physical_cores", "resolve"]
 
 
 @dataclass(frozen=True)
@@ -84,3 +84,29 @@ def resolve(name: str, defined: dict[str, Any] | None = None) -> Target:
                       optimization=cfg.optimization, pin_cores=cfg.pin_cores,
                       ort_format=cfg.ort_format, remote=remote)
     return TARGETS.get(name)
+
+
+def channel_block(target: Target) -> tuple[int, str]:
+    """The channel count the kernels onnxruntime runs on `target` work in, and why: the
+    `round_to` that lets a pruned layer fill them. onnxruntime's NCHWc convolutions block
+    channels by 16 with AVX-512 and by 8 with AVX/AVX2; CUDA's tensor cores want multiples of
+    8; Arm's NEON kernels work in 4- to 16-lane blocks, and 8 is what they fill well. A remote
+    target is asked for its CPU's flags."""
+    if "CUDAExecutionProvider" in target.providers:
+        return 8, f"{target.name} runs on CUDA, whose tensor cores take channels in 8s"
+    from compresskit.backends import device_runner, remote
+
+    try:
+        info = remote.probe(target.remote, target.name)["device"] if target.remote \
+            else device_runner.device_info()
+    except remote.RemoteError as e:
+        return 8, f"{target.name} could not be asked for its CPU ({e}); 8 suits most kernels"
+    isa = set(info.get("isa") or [])
+    cpu = info.get("cpu") or "its CPU"
+    if "avx512f" in isa:
+        return 16, (f"{target.name} has AVX-512 ({cpu}): onnxruntime's NCHWc convolutions "
+                    "block channels by 16")
+    if isa & {"avx2", "avx"}:
+        return 8, (f"{target.name} has AVX2 and no AVX-512 ({cpu}): onnxruntime's NCHWc "
+                   "convolutions block channels by 8")
+    return 8, f"{target.name} ({cpu}, no AVX): 8 fills NEON's and most kernels' lanes"

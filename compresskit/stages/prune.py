@@ -7,15 +7,17 @@ on one-shot trial prunes, then applied in `steps` slices with recovery in betwee
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import nn
 
 from compresskit.backends import pruning
-from compresskit.config import PruneConfig
+from compresskit.config import BenchmarkConfig, PruneConfig
 from compresskit.engine.context import StageContext, StageResult
 from compresskit.errors import StageError
+from compresskit.measure.targets import channel_block, resolve
 from compresskit.models import structure
 from compresskit.models.inputs import as_tensors, call
 from compresskit.stages._shrink import Shrink, first_and_last
@@ -47,13 +49,49 @@ def _empty_layers(model: nn.Module) -> list[str]:
     return out
 
 
+def _round_to(cfg: PruneConfig, ctx: StageContext, model: nn.Module,
+              ignored: list[str]) -> tuple[int, str]:
+    """The channel multiple to keep: as given, else the channel block of the kernels on the
+    stage's target (the benchmark stage's first target, else cpu), halved while rounding to it
+    would empty a layer or remove half as much again, or half as little, as asked. torch-pruning
+    rounds the channels kept down: a 16-channel layer pruned by a quarter keeps 12 at round_to
+    4, 8 at 8 and none at 16."""
+    if cfg.round_to is not None:
+        return cfg.round_to, "given"
+    name = cfg.target or next((s.targets[0] for s in ctx.config.stages
+                               if isinstance(s, BenchmarkConfig)), "cpu")
+    block, why = channel_block(resolve(name, ctx.config.targets))
+    key, amount = cfg.amount()
+    ratio = amount if key == "ratio" else 1 - amount ** 0.5  # MACs and params: about width^2
+    widths = [w for n, m in model.named_modules() if n not in ignored
+              for w in [getattr(m, "out_channels", getattr(m, "out_features", None))]
+              if isinstance(w, int) and w > 1]
+    wanted = sum(w * ratio for w in widths)
+
+    def fits(b: int) -> bool:
+        kept = [b * math.floor(w * (1 - ratio) / b) for w in widths]
+        return min(kept, default=1) > 0 and abs(sum(widths) - sum(kept) - wanted) <= 0.5 * wanted
+
+    chosen = block
+    while chosen > 1 and not fits(chosen):
+        chosen //= 2
+    if chosen != block:
+        why += (f"; {chosen} here: rounding these layers' widths to {block} would prune far "
+                "more or less than asked")
+    ctx.log(f"round_to {chosen}: {why}")
+    return chosen, why
+
+
 def run(cfg: PruneConfig, ctx: StageContext) -> StageResult:
     job = Shrink(cfg, ctx)
     model, example = job.model, job.example
     keep = first_and_last(pruning.leaf_order(model, example))
+    ignored = job.ignored(keep)
+    round_to, why = _round_to(cfg, ctx, model, ignored)
     args: dict[str, Any] = dict(
-        criterion=cfg.importance, ignored=job.ignored(keep), global_ranking=cfg.global_ranking,
-        max_layer_ratio=cfg.max_layer_ratio, round_to=cfg.round_to, heads=cfg.heads)
+        criterion=cfg.importance, ignored=ignored, global_ranking=cfg.global_ranking,
+        max_layer_ratio=cfg.max_layer_ratio, round_to=round_to if round_to > 1 else None,
+        heads=cfg.heads)
     key, amount = cfg.amount()
     search = {k: v for k, v in args.items() if k != "ignored"}
     before = structure.snapshot(model)
@@ -78,7 +116,8 @@ def run(cfg: PruneConfig, ctx: StageContext) -> StageResult:
         # Nothing can be pruned safely: the model goes on whole, and the report says why.
         ctx.log(f"[yellow]warning:[/yellow] the model is left whole: {e}")
         return job.finish(structure.reshape_edit(before, before), {
-            "ratio": 0.0, "mode": key, "requested": amount, "steps": 0,
+            "ratio": 0.0, "mode": key, "round_to": round_to, "round_to_from": why,
+            "requested": amount, "steps": 0,
             "importance": cfg.importance, "kept_whole": keep,
             "left_whole": {"(whole model)": str(e)}, "recovery_loss": None})
     except pruning.PruneError as e:
@@ -102,6 +141,7 @@ def run(cfg: PruneConfig, ctx: StageContext) -> StageResult:
         losses.append(job.recover(cfg.recover, tag))
     edit = structure.reshape_edit(before, structure.snapshot(model))
     return job.finish(edit, {"ratio": round(ratio, 4), "mode": key, "requested": amount,
+                             "round_to": round_to, "round_to_from": why,
                              "steps": cfg.steps, "importance": cfg.importance,
                              "kept_whole": keep, "left_whole": left_whole,
                              "recovery_loss": losses[-1]})

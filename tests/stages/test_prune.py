@@ -133,3 +133,25 @@ def test_every_importance_global_ranking_steps_and_round_to(tmp_path):
     # round_to 8 keeps channel counts multiples of 8 (16 less 30% would be 11).
     edits = manifest(out, stages[7]["name"])["structure"]["student"]["edits"][0]["modules"]
     assert edits["conv1"]["attrs"]["out_channels"] % 8 == 0
+
+
+def test_round_to_comes_from_the_target_when_not_given(tmp_path):
+    """Unset round_to: the channel block of the target's kernels (16 with AVX-512, 8 with AVX2
+    or on CUDA), halved while rounding would prune far more or less than asked."""
+    from compresskit.backends.device_runner import device_info
+
+    def prune(**kw):
+        cfg = pipeline("residual", {"ratio": 0.5, "recover": 0, **kw})
+        cfg["stages"] = cfg["stages"][:2]
+        return run(cfg, tmp_path / "-".join(map(str, kw.values())))
+    isa = device_info()["isa"]
+    here = prune()["stages"][1]["metrics"]
+    block = 16 if "avx512f" in isa else 8
+    assert here["round_to"] in (block, block // 2, block // 4, block // 8), here
+    assert "cpu has" in here["round_to_from"] or "cpu (" in here["round_to_from"]
+    cuda = prune(target="cuda")["stages"][1]["metrics"]
+    assert cuda["round_to"] <= 8 and "CUDA" in cuda["round_to_from"]
+    given = prune(target="cuda", round_to=1)["stages"][1]["metrics"]
+    assert given["round_to"] == 1 and given["round_to_from"] == "given"
+    with pytest.raises(ConfigError, match="unknown target 'phone'"):
+        prune(target="phone")
