@@ -198,6 +198,14 @@ class LowRankConfig(CompressOptions):
     round_to: int | None = Field(
         None, ge=1, description="Round each rank up to a multiple of N."
     )
+    keep_if_slower: bool = Field(
+        True,
+        description=(
+            "Time each layer whole and factorised (that layer alone, on the input it gets in "
+            "the model, batch 1, one thread, interleaved) and keep it whole when the factorised "
+            "pair runs slower, whatever MACs it saves."
+        ),
+    )
     layers: list[Literal["linear", "conv"]] = Field(
         default_factory=lambda: list[Literal["linear", "conv"]](("linear", "conv")),
         min_length=1,

@@ -1,22 +1,28 @@
 """`lowrank`: truncated-SVD factorisation of Linear and Conv2d layers, recovered by distillation.
 
 Per layer the rank comes from `energy` or `rank_ratio` (optionally rounded up to `round_to`); the
-layer is replaced only when the factorisation cuts its MACs by at least `min_reduction`.
+layer is replaced only when the factorisation cuts its MACs by at least `min_reduction` and, with
+`keep_if_slower`, when onnxruntime runs the factorised pair faster than the whole layer on the
+input it gets in the model (rank 0 times; under torchrun the other ranks take its decision).
 """
 
 from __future__ import annotations
 
+import copy
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from compresskit.config import LowRankConfig
+from compresskit.engine import distributed as dist
 from compresskit.engine.context import StageContext, StageResult
 from compresskit.models import structure
 from compresskit.models.inputs import call
 from compresskit.ops import lowrank as lr
+from compresskit.ops.latency import fmt_ms
 from compresskit.stages._shrink import Shrink
 
 
@@ -46,6 +52,46 @@ def choose_rank(layer: nn.Module, cfg: LowRankConfig) -> tuple[int | None, str, 
     return rank, "", error
 
 
+def _time_layers(model: nn.Module, example: Any, pairs: dict[str, tuple[nn.Module, nn.Module]],
+                 work: Path, runs: int) -> dict[str, dict[str, float]]:
+    """Each layer whole and factorised, as two ONNX files of that layer alone on the input it
+    gets in the model (batch 1), timed interleaved on one thread: onnxruntime's kernels, not
+    MACs, say whether the factorised pair is faster."""
+    from compresskit.backends import ort as ort_backend
+    from compresskit.backends.onnx_export import export_onnx
+    from compresskit.measure.targets import TARGETS
+    from compresskit.ops.latency import median_ratio, summarize
+
+    seen: dict[str, torch.Tensor] = {}
+    modules = dict(model.named_modules())
+    hooks = [modules[name].register_forward_pre_hook(
+        lambda m, args, name=name: seen.setdefault(name, args[0].detach()[:1].clone()))
+        for name in pairs]
+    try:
+        with torch.no_grad():
+            call(model.eval(), example)
+    finally:
+        for h in hooks:
+            h.remove()
+    work.mkdir(parents=True, exist_ok=True)
+    cpu = TARGETS.get("cpu")
+    out: dict[str, dict[str, float]] = {}
+    for i, (name, (whole, factorised)) in enumerate(pairs.items()):
+        x = seen.get(name)
+        if x is None:  # not reached by the forward pass: nothing to time
+            continue
+        sessions = {}
+        for label, module in (("whole", whole), ("factorised", factorised)):
+            path = work / f"{i}.{label}.onnx"
+            export_onnx(copy.deepcopy(module).eval(), x, path, 17)
+            sessions[label] = ort_backend.session(path, cpu, threads=1)
+        times = ort_backend.time_interleaved(sessions, x.numpy(), runs, warmup=max(5, runs // 10))
+        out[name] = {"whole_ms": summarize(times["whole"])["p50"],
+                     "factorised_ms": summarize(times["factorised"])["p50"],
+                     "speedup": median_ratio(times["whole"], times["factorised"])}
+    return out
+
+
 def _forward_error(model: nn.Module, example: Any) -> str:
     """'' when the model runs on `example`, else the error's first line."""
     try:
@@ -63,6 +109,7 @@ def run(cfg: LowRankConfig, ctx: StageContext) -> StageResult:
     ignored = set(job.ignored([]))
     layers: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
+    chosen: dict[str, tuple[nn.Linear | nn.Conv2d, nn.Module, str, int, float]] = {}
     for name, layer in list(model.named_modules()):
         if not isinstance(layer, nn.Linear | nn.Conv2d) or name in ignored:
             continue
@@ -73,8 +120,20 @@ def run(cfg: LowRankConfig, ctx: StageContext) -> StageResult:
         if rank is None:
             skipped[name] = why
             continue
-        new = (lr.factorize_linear(layer, rank) if isinstance(layer, nn.Linear)
-               else lr.factorize_conv(layer, rank))
+        new: nn.Module = (lr.factorize_linear(layer, rank) if isinstance(layer, nn.Linear)
+                          else lr.factorize_conv(layer, rank))
+        chosen[name] = (layer, new, kind, rank, error)
+    timings: dict[str, dict[str, float]] = {}
+    if cfg.keep_if_slower and chosen:
+        timings = dist.broadcast_object(
+            _time_layers(model, job.example, {k: v[:2] for k, v in chosen.items()},
+                         ctx.work_dir / "layers", cfg.latency_runs) if dist.is_main() else None)
+    for name, (layer, new, kind, rank, error) in chosen.items():
+        t = timings.get(name)
+        if t is not None and t["speedup"] < 1.0:
+            skipped[name] = (f"factorised it runs slower here ({fmt_ms(t['whole_ms'])} whole, "
+                             f"{fmt_ms(t['factorised_ms'])} at rank {rank})")
+            continue
         structure.set_module(model, name, new)
         broken = _forward_error(model, job.example)
         if broken:  # the model reads the layer's .weight itself (HF ViT's patch embedding)
@@ -83,7 +142,7 @@ def run(cfg: LowRankConfig, ctx: StageContext) -> StageResult:
             continue
         layers[name] = {"kind": kind, "rank": rank,
                         "full_rank": min(layer.weight.shape[0], layer.weight[0].numel()),
-                        "weight_error": round(error, 4)}
+                        "weight_error": round(error, 4), **({"timing": t} if t else {})}
     if layers:
         job.check_forward()
     else:
