@@ -146,8 +146,13 @@ def run(cfg: LowRankConfig, ctx: StageContext) -> StageResult:
     if layers:
         job.check_forward()
     else:
-        ctx.log("[yellow]warning:[/yellow] no layer was factorised (each would have saved less "
-                f"than min_reduction {cfg.min_reduction}); the model is unchanged")
+        slower = sum("slower" in why for why in skipped.values())
+        reason = (f"{slower} would have run slower, the others saved less than min_reduction "
+                  f"{cfg.min_reduction} or could not be factorised" if slower else
+                  f"each would have saved less than min_reduction {cfg.min_reduction} or could "
+                  "not be factorised")
+        ctx.log(f"[yellow]warning:[/yellow] no layer was factorised ({reason}); the model is "
+                "unchanged")
     for name, spec in layers.items():
         ctx.log(f"{name}: {spec['kind']} rank {spec['rank']} of {spec['full_rank']} "
                 f"(relative weight error {spec['weight_error']:.3f})")
