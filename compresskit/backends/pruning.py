@@ -82,7 +82,10 @@ def count(model: nn.Module, example: torch.Tensor) -> tuple[float, int]:
 
 def make_pruner(model: nn.Module, example: torch.Tensor, *, criterion: str, ratio: float,
                 steps: int, ignored: list[str], global_ranking: bool,
-                max_layer_ratio: float, round_to: int | None, heads: bool) -> Any:
+                max_layer_ratio: float, round_to: int | None, heads: bool,
+                ratios: dict[str, float] | None = None) -> Any:
+    """A torch-pruning MetaPruner; `ratios` (a group's root layer name -> ratio) prunes those
+    groups at their own ratios and every other group at `ratio`."""
     attn = attention_modules(model) if heads else []
     num_heads = {layer: getattr(mod, attr) for mod, attr, layers in attn for layer in layers}
     modules = dict(model.named_modules())
@@ -93,6 +96,7 @@ def make_pruner(model: nn.Module, example: torch.Tensor, *, criterion: str, rati
             model, example, importance=importance(criterion), pruning_ratio=ratio,
             iterative_steps=steps, ignored_layers=[modules[n] for n in ignored],
             global_pruning=global_ranking,
+            pruning_ratio_dict={modules[n]: r for n, r in (ratios or {}).items()} or None,
             max_pruning_ratio=max_layer_ratio if global_ranking else 1.0, round_to=round_to,
             num_heads=num_heads, prune_num_heads=bool(num_heads), prune_head_dims=False,
             head_pruning_ratio=ratio if num_heads else 0.0)
@@ -249,3 +253,17 @@ def ratio_for_target(model: nn.Module, example: torch.Tensor, measure: Callable[
         else:
             lo = mid
     return hi, at
+
+
+def group_roots(model: nn.Module, example: Any, **pruner_args: Any) -> list[str]:
+    """The root layer of every group the pruner would prune (in its order), found on a copy
+    without pruning anything: the units a per-group plan gives ratios to."""
+    trial = copy.deepcopy(model)
+    names = {m: n for n, m in trial.named_modules()}
+    pruner = make_pruner(trial, example, **{**pruner_args, "ratio": 0.5, "steps": 1})
+    roots = []
+    for group in pruner.step(interactive=True):
+        root = names.get(group[0].dep.target.module)
+        if root:
+            roots.append(root)
+    return list(dict.fromkeys(roots))

@@ -83,6 +83,10 @@ class CompressOptions(OptimOptions, TeacherCacheOptions):
         return ("student",)
 
 
+BUDGETS = ("target_latency", "latency_ms", "target_size")
+"""prune's budgets measured on the exported model, not counted on the torch one."""
+
+
 class PruneConfig(CompressOptions):
     """Structured pruning with torch-pruning's dependency graph: whole channels, filters, neurons
     and attention heads are removed, so residual adds, concatenations, depthwise convolutions and
@@ -102,6 +106,22 @@ class PruneConfig(CompressOptions):
     target_params: float | None = Field(
         None, gt=0, lt=1,
         description="Prune until the model keeps this fraction of its parameters.",
+    )
+    target_latency: float | None = Field(
+        None, gt=0, lt=1,
+        description=(
+            "Prune until the model's batch-1 latency on `target` (one thread) is this fraction "
+            "of the stage input's, measured there: per-group ratios chosen from a latency table "
+            "and the KD loss of each cut, then checked by timing the result."
+        ),
+    )
+    latency_ms: float | None = Field(
+        None, gt=0,
+        description="The same with an absolute budget: batch-1 milliseconds on `target`.",
+    )
+    target_size: int | None = Field(
+        None, gt=0,
+        description="The same with a size budget: bytes of the FP32 ONNX file.",
     )
     importance: Literal["l1", "l2", "taylor", "lamp", "bn_scale", "fpgm"] = Field(
         "l2",
@@ -162,15 +182,20 @@ class PruneConfig(CompressOptions):
     model_config = ConfigDict(populate_by_name=True)
 
     def amount(self) -> tuple[str, float]:
-        """('ratio'|'target_macs'|'target_params', value): what the user asked to remove."""
-        for key in ("target_macs", "target_params"):
+        """(the key, its value): what the user asked for: 'ratio', 'target_macs',
+        'target_params', or one of the measured BUDGETS."""
+        for key in ("target_macs", "target_params", *BUDGETS):
             if getattr(self, key) is not None:
                 return key, getattr(self, key)
         return "ratio", 0.5 if self.ratio is None else self.ratio
 
     def problems(self, pipeline: Any) -> list[tuple[tuple[Any, ...], str]]:
-        if sum(v is not None for v in (self.ratio, self.target_macs, self.target_params)) > 1:
-            return [((), "give one of 'ratio', 'target_macs' and 'target_params', not several")]
+        given = [k for k in ("ratio", "target_macs", "target_params", *BUDGETS)
+                 if getattr(self, k) is not None]
+        if len(given) > 1:
+            return [((), f"give one of 'ratio', 'target_macs', 'target_params', "
+                         f"'target_latency', 'latency_ms' and 'target_size', not several "
+                         f"(got {', '.join(given)})")]
         return []
 
 

@@ -15,11 +15,13 @@ from torch import nn
 
 from compresskit.backends import pruning
 from compresskit.config import BenchmarkConfig, PruneConfig
+from compresskit.config.stages import BUDGETS
 from compresskit.engine.context import StageContext, StageResult
 from compresskit.errors import StageError
 from compresskit.measure.targets import channel_block, resolve
 from compresskit.models import structure
 from compresskit.models.inputs import as_tensors, call
+from compresskit.stages._budget import LEVELS, BudgetPruner, reference_latency_ms
 from compresskit.stages._shrink import Shrink, first_and_last
 
 
@@ -49,6 +51,12 @@ def _empty_layers(model: nn.Module) -> list[str]:
     return out
 
 
+def _target_name(cfg: PruneConfig, ctx: StageContext) -> str:
+    """The stage's target: as given, else the benchmark stage's first, else cpu."""
+    return cfg.target or next((s.targets[0] for s in ctx.config.stages
+                               if isinstance(s, BenchmarkConfig)), "cpu")
+
+
 def _round_to(cfg: PruneConfig, ctx: StageContext, model: nn.Module,
               ignored: list[str]) -> tuple[int, str]:
     """The channel multiple to keep: as given, else the channel block of the kernels on the
@@ -58,11 +66,14 @@ def _round_to(cfg: PruneConfig, ctx: StageContext, model: nn.Module,
     4, 8 at 8 and none at 16."""
     if cfg.round_to is not None:
         return cfg.round_to, "given"
-    name = cfg.target or next((s.targets[0] for s in ctx.config.stages
-                               if isinstance(s, BenchmarkConfig)), "cpu")
-    block, why = channel_block(resolve(name, ctx.config.targets))
+    block, why = channel_block(resolve(_target_name(cfg, ctx), ctx.config.targets))
     key, amount = cfg.amount()
-    ratio = amount if key == "ratio" else 1 - amount ** 0.5  # MACs and params: about width^2
+    if key == "ratio":
+        ratio = amount
+    elif key in ("target_macs", "target_params", "target_latency"):
+        ratio = 1 - amount ** 0.5  # MACs, params and (roughly) time go as width^2
+    else:  # an absolute budget: its cuts start at the table's smallest level
+        ratio = LEVELS[0]
     widths = [w for n, m in model.named_modules() if n not in ignored
               for w in [getattr(m, "out_channels", getattr(m, "out_features", None))]
               if isinstance(w, int) and w > 1]
@@ -101,7 +112,9 @@ def run(cfg: PruneConfig, ctx: StageContext) -> StageResult:
                 model, example, amount if key == "ratio" else 0.5, args["ignored"],
                 **{**search, "criterion": "l2"})  # structure alone: no gradients needed
             args["ignored"] = [*args["ignored"], *left_whole]
-            if key == "ratio":
+            if key in BUDGETS:  # measured, outside the trace time limit (below)
+                ratio = 0.0
+            elif key == "ratio":
                 ratio = amount
             else:
                 index = 0 if key == "target_macs" else 1
@@ -111,7 +124,9 @@ def run(cfg: PruneConfig, ctx: StageContext) -> StageResult:
 
                 ratio, kept = pruning.ratio_for_target(model, example, measured, amount, **args)
                 ctx.log(f"{key} {amount:.2f}: ratio {ratio:.3f} per group keeps {kept:.3f}")
-            pruner = pruning.make_pruner(model, example, ratio=ratio, steps=cfg.steps, **args)
+            if key not in BUDGETS:
+                pruner = pruning.make_pruner(model, example, ratio=ratio, steps=cfg.steps,
+                                             **args)
     except pruning.TraceError as e:
         # Nothing can be pruned safely: the model goes on whole, and the report says why.
         ctx.log(f"[yellow]warning:[/yellow] the model is left whole: {e}")
@@ -122,9 +137,15 @@ def run(cfg: PruneConfig, ctx: StageContext) -> StageResult:
             "left_whole": {"(whole model)": str(e)}, "recovery_loss": None})
     except pruning.PruneError as e:
         raise StageError(ctx.name, str(e)) from None
-    for layer, why in left_whole.items():
+    for layer, broken in left_whole.items():
         ctx.log(f"[yellow]left whole:[/yellow] {layer} (pruning it breaks the forward pass: "
-                f"{why})")
+                f"{broken})")
+    if key in BUDGETS:
+        try:
+            return _to_budget(cfg, ctx, job, args, key, amount, before, keep, left_whole,
+                              round_to, why)
+        except pruning.PruneError as e:
+            raise StageError(ctx.name, str(e)) from None
     losses = []
     for i in range(cfg.steps):
         if cfg.importance == "taylor":
@@ -145,3 +166,56 @@ def run(cfg: PruneConfig, ctx: StageContext) -> StageResult:
                              "steps": cfg.steps, "importance": cfg.importance,
                              "kept_whole": keep, "left_whole": left_whole,
                              "recovery_loss": losses[-1]})
+
+
+def _to_budget(cfg: PruneConfig, ctx: StageContext, job: Shrink, args: dict[str, Any],
+               key: str, amount: float, before: Any, keep: list[str],
+               left_whole: dict[str, str], round_to: int, why: str) -> StageResult:
+    """target_latency, latency_ms, target_size: measured on the stage's target (stages/
+    _budget.py), in steps with recovery."""
+    name = _target_name(cfg, ctx)
+    target = resolve(name, ctx.config.targets)
+    if target.remote is not None or "CPUExecutionProvider" != target.providers[0]:
+        raise StageError(ctx.name, (
+            f"{key} is measured on the stage's target while pruning, and '{name}' is not a "
+            "CPU target of this machine (remote devices and CUDA are not supported for "
+            "budgets yet); set the prune stage's 'target' to cpu or edge, or use "
+            "target_macs"))
+    if cfg.importance == "taylor":
+        _taylor_gradients(job.model, ctx, cfg.calibration_batches)
+    losses: list[float | None] = []
+
+    def recover(step: int, steps: int) -> None:
+        job.check_forward()
+        losses.append(job.recover(cfg.recover, f".step{step}" if steps > 1 else ""))
+
+    pruner = BudgetPruner(job, cfg, ctx, args, target, recover)
+    if key == "target_size":
+        reference_cost = float(pruner._export(job.model, "size").stat().st_size)
+        goal = amount
+    else:
+        reference_cost = 1.0
+        goal = amount
+        if key == "latency_ms":
+            ms = reference_latency_ms(pruner._export(job.model, "ms"), target, job.x,
+                                      cfg.latency_runs)
+            goal = amount / ms
+            ctx.log(f"latency_ms {amount}: the input runs in {ms:.3f} ms on {name}, so "
+                    f"{goal:.3f}x of it")
+    budget: dict[str, Any] = {"key": key, "requested": amount, "target": name}
+    if goal >= reference_cost:
+        ctx.log(f"{key} {amount}: the model already meets it; left as it is")
+        budget.update(measured=reference_cost, met=True, steps=[])
+    else:
+        budget.update(pruner.run(goal, reference_cost))
+        if not budget["met"]:
+            ctx.log(f"[yellow]warning:[/yellow] {key} {amount} was not met: the closest "
+                    f"pruned model measures {budget['measured']:.3f} of the goal's "
+                    f"{goal:.3f}; the largest cuts the table holds (75% of a group) "
+                    "cannot go further, or the target's timing moved")
+    edit = structure.reshape_edit(before, structure.snapshot(job.model))
+    return job.finish(edit, {"mode": key, "requested": amount, "round_to": round_to,
+                             "round_to_from": why, "importance": cfg.importance,
+                             "kept_whole": keep, "left_whole": left_whole, "budget": budget,
+                             "steps": len(budget["steps"]),
+                             "recovery_loss": losses[-1] if losses else None})

@@ -1,0 +1,266 @@
+"""Pruning to a budget measured on the target (prune's `target_latency`, `latency_ms` and
+`target_size`): NetAdapt's idea (Yang et al. 2018), adapted.
+
+Per step: every prunable group is pruned alone at a few ratios; each copy is exported and timed
+on the target, interleaved with the model as it is and the stage's input (a latency table, in
+fractions of the input's time), its FP32 file weighed, and its outputs on a few hundred training
+samples compared with the unpruned model's (the KD loss at the stage's temperature: how much
+that cut costs). A ratio per group is then chosen for the least predicted loss that meets the
+step's budget (a Lagrangian: each group takes the level with the least loss minus lambda times
+the saving, lambda found by bisection). The chosen model is exported and timed, interleaved;
+when the table's prediction misses by more than the tolerance, the budget given to the solver
+is moved by the miss and the plan chosen again. Deep cuts (below 0.4x) take two or three steps
+with recovery between them, as AMC found one-shot deep cuts lose accuracy.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from compresskit.backends import ort as ort_backend
+from compresskit.backends import pruning
+from compresskit.backends.onnx_export import ExportError, export_onnx
+from compresskit.engine.context import StageContext
+from compresskit.errors import StageError
+from compresskit.measure.targets import Target
+from compresskit.models import inputs
+from compresskit.ops.latency import median_ratio
+
+LEVELS = (0.25, 0.5, 0.75)
+"""Share of a group's channels removed in the table (then rounded by round_to)."""
+SAMPLES = 256
+"""Training samples whose outputs score each cut."""
+TOLERANCE = 0.05
+"""How far the measured cost may sit from a step's budget before the plan is chosen again."""
+ROUNDS = 4
+
+
+@dataclass
+class Entry:
+    group: str
+    level: float
+    saving: float
+    """Cost saved against the model as it is: a fraction of the stage input's latency, or
+    bytes."""
+    damage: float
+
+
+def steps_for(fraction: float) -> int:
+    return 1 if fraction >= 0.4 else 2 if fraction >= 0.16 else 3
+
+
+class BudgetPruner:
+    """One prune stage's way to a latency or size budget; `run` leaves the model in job.model."""
+
+    def __init__(self, job: Any, cfg: Any, ctx: StageContext, args: dict[str, Any],
+                 target: Target, recover: Any):
+        self.job, self.cfg, self.ctx, self.target, self.recover = job, cfg, ctx, target, recover
+        self.args = {**args, "global_ranking": False}
+        self.kind = "bytes" if cfg.target_size is not None else "latency"
+        self.work = ctx.work_dir / "budget"
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.example = job.example
+        self.x_export = inputs.apply(inputs.take(job.x, slice(0, 2)), torch.from_numpy)
+        self.samples = self._samples()
+
+    # -- measuring ------------------------------------------------------------------------
+    def _samples(self) -> Any:
+        from compresskit.stages._int8 import calibration
+
+        return inputs.cat(calibration(self.ctx, SAMPLES))
+
+    def _export(self, model: nn.Module, name: str) -> Path:
+        path = self.work / f"{name}.onnx"
+        export_onnx(copy.deepcopy(model).eval(), self.x_export, path, 17,
+                    self.ctx.config.inputs)
+        return path
+
+    def _outputs(self, model: nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return inputs.call(model.eval(), self.samples).float()
+
+    def _damage(self, out: torch.Tensor, ref: torch.Tensor) -> float:
+        if self.ctx.config.task == "embed":
+            return float(1 - torch.nn.functional.cosine_similarity(out, ref, dim=1).mean())
+        t = self.cfg.temperature
+        return float(torch.nn.functional.kl_div(
+            torch.log_softmax(out / t, 1), torch.log_softmax(ref / t, 1), log_target=True,
+            reduction="batchmean") * t * t)
+
+    def _times(self, paths: dict[str, Path], reference: Path) -> dict[str, float]:
+        """Each file's latency as a fraction of `reference`'s, timed interleaved with it on the
+        target (batch 1, one thread): the median of paired ratios."""
+        sessions = {k: ort_backend.session(p, self.target, threads=1)
+                    for k, p in {"__reference": reference, **paths}.items()}
+        times = ort_backend.time_interleaved(sessions, inputs.take(self.job.x, slice(0, 1)),
+                                             self.cfg.latency_runs,
+                                             warmup=max(5, self.cfg.latency_runs // 10))
+        return {k: 1.0 / median_ratio(times["__reference"], times[k]) for k in paths}
+
+    def _cost(self, paths: dict[str, Path], reference: Path) -> dict[str, float]:
+        if self.kind == "bytes":
+            return {k: float(p.stat().st_size) for k, p in paths.items()}
+        return self._times(paths, reference)
+
+    # -- the plan ---------------------------------------------------------------------------
+    def _pruned(self, model: nn.Module, ratios: dict[str, float]) -> nn.Module | None:
+        trial = copy.deepcopy(model)
+        try:
+            pruner = pruning.make_pruner(trial, self.example, ratio=0.0, steps=1,
+                                         ratios=ratios, **self.args)
+            pruning.step(pruner, trial)
+            with torch.no_grad():
+                inputs.call(trial.eval(), self.example)
+        except Exception:  # a cut torch-pruning cannot make on this model: not an option
+            return None
+        return trial
+
+    def _table(self, model: nn.Module, current: Path, reference: Path,
+               step: int) -> list[Entry]:
+        roots = pruning.group_roots(model, self.example, **self.args)
+        base = self._outputs(model)
+        files: dict[str, Path] = {}
+        damage: dict[str, float] = {}
+        for i, root in enumerate(roots):
+            for level in LEVELS:
+                trial = self._pruned(model, {root: level})
+                if trial is None:
+                    continue
+                key = f"{root}@{level}"
+                try:
+                    files[key] = self._export(trial, f"s{step}.g{i}.{level}")
+                except ExportError:
+                    continue
+                damage[key] = self._damage(self._outputs(trial), base)
+        cost = self._cost({"__current": current, **files}, reference)
+        entries = []
+        for key, path in files.items():
+            root, shown = key.rsplit("@", 1)
+            entries.append(Entry(root, float(shown), max(0.0, cost["__current"] - cost[key]),
+                                 damage[key]))
+            path.unlink(missing_ok=True)
+        return entries
+
+    @staticmethod
+    def solve(entries: list[Entry], need: float, buckets: int = 400
+              ) -> tuple[dict[str, float], float]:
+        """The plan (a level or none per group) with the least predicted damage that saves at
+        least `need`: a multiple-choice knapsack over savings in `buckets` steps of `need`
+        (rounded down, so the plan's predicted saving is not less). When no plan saves that
+        much, the one that saves most. Returns the plan and its predicted saving."""
+        if need <= 0:
+            return {}, 0.0
+        groups: dict[str, list[Entry]] = {}
+        for e in entries:
+            groups.setdefault(e.group, []).append(e)
+        unit = need / buckets
+        inf = float("inf")
+
+        def step(j: int, e: Entry) -> int:
+            return min(buckets, j + int(e.saving / unit))
+
+        # states[g][j]: the least damage of the first g groups saving >= j units (j capped).
+        states = [[0.0] + [inf] * buckets]
+        for options in groups.values():
+            prev, cur = states[-1], list(states[-1])
+            for j, d in enumerate(prev):
+                if d < inf:
+                    for e in options:
+                        k = step(j, e)
+                        cur[k] = min(cur[k], d + e.damage)
+            states.append(cur)
+        j = max(k for k, d in enumerate(states[-1]) if d < inf)
+        plan: dict[str, float] = {}
+        saved = 0.0
+        names = list(groups)
+        for g in range(len(names) - 1, -1, -1):  # walk back: what each group took
+            prev, cur = states[g], states[g + 1]
+            if prev[j] == cur[j]:
+                continue  # left whole on the way here
+            j, e = next((jj, e) for e in groups[names[g]] for jj, d in enumerate(prev)
+                        if d < inf and step(jj, e) == j and d + e.damage == cur[j])
+            plan[names[g]] = e.level
+            saved += e.saving
+        return plan, saved
+
+    # -- the stage --------------------------------------------------------------------------
+    def run(self, goal: float, reference_cost: float) -> dict[str, Any]:
+        """Prune job.model to `goal` (a fraction of the input's latency, or bytes; the input
+        costs `reference_cost`: 1.0, or its bytes), in steps with recovery; returns what the
+        report shows."""
+        reference = self._export(self.job.model, "input")
+        steps = steps_for(goal / reference_cost)
+        records = []
+        current_cost = reference_cost
+        for step in range(1, steps + 1):
+            step_goal = reference_cost * (goal / reference_cost) ** (step / steps)
+            model = self.job.model
+            current = self._export(model, f"s{step}.current")
+            entries = self._table(model, current, reference, step)
+            if not entries:
+                raise StageError(self.ctx.name, "no group of this model can be pruned on its "
+                                 "own (torch-pruning found none, or every cut broke the "
+                                 "forward pass); a budget needs prunable groups")
+            need = current_cost - step_goal
+            best: dict[str, Any] | None = None
+            rounds = 0
+            for _ in range(ROUNDS):
+                plan, predicted = self.solve(entries, need)
+                trial = self._pruned(model, plan) if plan else copy.deepcopy(model)
+                if trial is None:  # the groups together break what each alone did not
+                    raise StageError(self.ctx.name, "the planned cuts, each fine alone, break "
+                                     "the forward pass together; add the groups' layers to "
+                                     "'ignore'")
+                measured = self._cost({"trial": self._export(trial, f"s{step}.trial")},
+                                      reference)["trial"]
+                rounds += 1
+                miss = measured - step_goal
+                record = {"plan": plan, "predicted": current_cost - predicted,
+                          "measured": measured, "model": trial,
+                          "score": (max(0.0, miss) / step_goal, abs(miss) / step_goal)}
+                if best is None or record["score"] < best["score"]:
+                    best = record
+                if abs(miss) <= TOLERANCE * step_goal:
+                    break
+                need += miss  # the table was off by this much: ask the solver for it
+            assert best is not None
+            self.job.model = best["model"]
+            current_cost = best["measured"]
+            groups = len({e.group for e in entries})
+            records.append({"step": step, "goal": step_goal, "plan": best["plan"],
+                            "predicted": best["predicted"], "measured": best["measured"],
+                            "rounds": rounds, "groups": groups, "table_entries": len(entries)})
+            cuts = ", ".join(f"{g} {lv:.0%}" for g, lv in list(best["plan"].items())[:5])
+            self.ctx.log(
+                f"step {step}/{steps}: {self._show(step_goal)} wanted, "
+                f"{self._show(best['predicted'])} predicted by the table, "
+                f"{self._show(best['measured'])} measured; {len(best['plan'])} of {groups} "
+                f"groups cut ({cuts}{', ...' if len(best['plan']) > 5 else ''})")
+            self.recover(step, steps)
+        final = self._cost({"final": self._export(self.job.model, "final")}, reference)["final"]
+        last = records[-1]
+        return {"kind": self.kind, "goal": goal, "input": reference_cost, "steps": records,
+                "measured": final, "predicted": last["predicted"],
+                "prediction_error": (last["measured"] - last["predicted"])
+                / max(last["predicted"], 1e-12),
+                "met": final <= goal * (1 + 2 * TOLERANCE)}
+
+    def _show(self, cost: float) -> str:
+        return f"{cost / 1e3:,.1f} kB" if self.kind == "bytes" else f"{cost:.3f}x"
+
+
+def reference_latency_ms(path: Path, target: Target, x: Any, runs: int) -> float:
+    """The stage input's batch-1 latency on the target, one thread (for latency_ms)."""
+    sess = ort_backend.session(path, target, threads=1)
+    times = ort_backend.time_interleaved({"m": sess}, inputs.take(x, slice(0, 1)), runs,
+                                         warmup=max(5, runs // 10))["m"]
+    return float(np.median(times))
+
+

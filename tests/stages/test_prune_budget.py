@@ -1,0 +1,68 @@
+"""prune to a measured budget (target_latency, latency_ms, target_size): the per-group table,
+the plan with the least predicted damage, and the check by measurement."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from compresskit import api
+from compresskit.errors import ConfigError, StageError
+from compresskit.stages._budget import BudgetPruner, Entry, steps_for
+from tests.stages.test_prune import ROOT, pipeline
+
+
+def run(prune: dict, out: Path) -> dict:
+    cfg = pipeline("residual", {"recover": 1, "latency_runs": 20, **prune})
+    cfg["stages"] = cfg["stages"][:2]
+    return api.run(cfg, base_dir=ROOT, output_dir=out, show_progress=False)
+
+
+def test_the_plan_is_the_least_damage_that_saves_enough():
+    table = [Entry("a", 0.25, 10, 1.0), Entry("a", 0.5, 20, 3.0), Entry("b", 0.25, 15, 0.5),
+             Entry("b", 0.5, 30, 4.0), Entry("c", 0.25, 5, 0.1)]
+    assert BudgetPruner.solve(table, 0) == ({}, 0.0)
+    assert BudgetPruner.solve(table, 5) == ({"c": 0.25}, 5.0)
+    assert BudgetPruner.solve(table, 14) == ({"b": 0.25}, 15.0)
+    # 40: a 50% + b 25% + c (damage 3.6) beats a 25% + b 50% (5.0)
+    plan, saved = BudgetPruner.solve(table, 40)
+    assert plan == {"a": 0.5, "b": 0.25, "c": 0.25} and saved == 40
+    # Out of reach: the plan that saves most.
+    assert BudgetPruner.solve(table, 100) == ({"a": 0.5, "b": 0.5, "c": 0.25}, 55.0)
+
+
+def test_deep_cuts_take_steps():
+    assert [steps_for(f) for f in (0.8, 0.4, 0.39, 0.16, 0.15, 0.05)] == [1, 1, 2, 2, 3, 3]
+
+
+def test_a_size_budget_is_met_as_measured_on_the_exported_file(tmp_path):
+    report = run({"target_size": 15000}, tmp_path / "run")
+    m = report["stages"][1]["metrics"]
+    budget = m["budget"]
+    assert budget["key"] == "target_size" and budget["kind"] == "bytes" and budget["met"]
+    assert budget["measured"] <= 15000 * 1.1
+    assert abs(budget["prediction_error"]) < 0.05  # bytes: the table is nearly exact
+    step = budget["steps"][0]
+    assert step["plan"] and step["table_entries"] >= len(step["plan"])
+    assert m["after"]["onnx_bytes"] < m["before"]["onnx_bytes"]
+    manifest = json.loads((tmp_path / "run" / "01-prune" / "manifest.json").read_text())
+    assert manifest["metrics"]["budget"]["steps"][0]["plan"] == step["plan"]
+
+
+def test_a_latency_budget_is_measured_and_its_prediction_error_reported(tmp_path):
+    """The fixture is tiny (microseconds): this checks the route and the record, not the
+    speed; benchmarks/prune_budget.py measures a real one."""
+    report = run({"target_latency": 0.6}, tmp_path / "run")
+    budget = report["stages"][1]["metrics"]["budget"]
+    assert budget["kind"] == "latency" and budget["target"] == "cpu"
+    assert 0 < budget["measured"] < 1.5 and "prediction_error" in budget
+    assert len(budget["steps"]) == 1 and budget["steps"][0]["rounds"] >= 1
+
+
+def test_budget_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not several"):
+        run({"target_latency": 0.5, "target_size": 1000}, tmp_path / "a")
+    with pytest.raises(StageError, match="not a CPU target of this machine"):
+        run({"target_latency": 0.5, "target": "cuda"}, tmp_path / "b")
