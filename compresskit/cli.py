@@ -180,6 +180,68 @@ def _size(n: int | None) -> str:
 
 
 @app.command()
+def search(
+    pipeline: Path = typer.Argument(..., help="Pipeline YAML file with a 'search:' section."),
+    overrides: list[str] = typer.Argument(
+        None, help="Overrides as key.path=value, applied before the search's own."),
+    trials: int = typer.Option(20, "--trials", min=1, help="Trials to finish in all."),
+    storage: str = typer.Option(
+        None, "--storage",
+        help="An Optuna storage shared by several workers (an RDB URL such as "
+             "sqlite:///study.db or postgresql://..., or a journal file on a shared disk); "
+             "default: a journal in <run folder>/search."),
+    budget: str = typer.Option(
+        None, "--budget",
+        help="Pick the most accurate point under a budget, e.g. 'latency <= 0.4x teacher on "
+             "cpu', 'latency <= 2 ms', 'size <= 500 kB'."),
+    output_dir: Path = typer.Option(None, "--output-dir", "-o",
+                                    help="Run folder (default: runs/<name>)."),
+) -> None:
+    """Explore the pipeline's compression knobs; write the Pareto front (search/report.html
+    and a ready-to-run pipeline file per point). Killed and rerun, it resumes."""
+    from compresskit.search import run_search
+
+    try:
+        summary = run_search(pipeline, trials, storage=storage, budget=budget,
+                             output_dir=output_dir, overrides=overrides or [],
+                             say=lambda line: err.print(line, markup=False, soft_wrap=True))
+    except ConfigError as e:
+        _fail_config(e)
+    except StageError as e:
+        err.print(f"[red]error:[/red] {e}", soft_wrap=True)
+        raise typer.Exit(EXIT_STAGE_FAILED) from None
+    _search_summary(summary)
+    pick = summary["budget"]
+    if pick is not None and not pick["met"]:
+        raise typer.Exit(EXIT_STAGE_FAILED)
+
+
+def _search_summary(summary: dict[str, Any]) -> None:
+    from compresskit.search import _unmet
+
+    front = summary["front"]
+    t = Table(title=f"Pareto front: {len(front)} of {summary['trials']} trials "
+                    f"({summary['target']})", title_justify="left")
+    keys = list(dict.fromkeys(k for p in front for k in p["params"]))
+    for col in ("trial", *keys, "accuracy", "latency", "size"):
+        t.add_column(col, justify="left" if col == "trial" else "right")
+    for p in sorted(front, key=lambda p: p["latency_ms"]):
+        t.add_row(str(p["trial"]), *(f"{v:.4g}" if isinstance(v, float) else str(v)
+                                     for v in (p["params"].get(k, "") for k in keys)),
+                  f"{p['accuracy']:.4f}", f"{p['latency_ms']:.4g} ms", _size(p["bytes"]))
+    Console(highlight=False, width=min(out.width, WIDTH) if out.is_terminal else WIDTH).print(t)
+    pick = summary["budget"]
+    if pick is not None:
+        out.print(f"{pick['text']}: " + (
+            f"trial {pick['trial']}, accuracy {pick['accuracy']:.4f}: {pick['pipeline']}"
+            if pick["met"] else _unmet(pick)), markup=False, soft_wrap=True)
+    if front:
+        folder = Path(front[0]["pipeline"]).parent.parent
+        out.print(f"report: {folder / 'report.html'}; pipelines: {folder / 'pareto'}",
+                  markup=False, soft_wrap=True)
+
+
+@app.command()
 def validate(
     pipeline: Path = typer.Argument(..., help="Pipeline YAML file."),
     overrides: list[str] = typer.Argument(None, help="Overrides as key.path=value."),

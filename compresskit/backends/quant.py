@@ -731,8 +731,9 @@ def layer_id(node: onnx.NodeProto) -> str:
 
 
 def integer_layers(path: Path) -> list[str]:
-    """The weighted layers (Conv/Gemm/MatMul) of a QDQ file whose weight and activation both
-    come dequantized: those onnxruntime can run as integer code, in graph order."""
+    """The layers of a QDQ file onnxruntime can run as integer code, in graph order: weighted
+    layers (Conv/Gemm/MatMul) whose weight and activation both come dequantized, and MatMuls
+    of two dequantized activations (attention's query-key and probability-value products)."""
     model = onnx.load(str(path))
     consts = _const_arrays(model)
     producers = {o: n for n in model.graph.node for o in n.output}
@@ -745,7 +746,9 @@ def integer_layers(path: Path) -> list[str]:
 
     return [layer_id(n) for n in model.graph.node
             if n.op_type in WEIGHTED_OPS and len(n.input) >= 2
-            and dequantized(n.input[1], True) and dequantized(n.input[0], False)]
+            and dequantized(n.input[0], False) and (
+                dequantized(n.input[1], True)
+                or (n.op_type == "MatMul" and dequantized(n.input[1], False)))]
 
 
 def _dequantize(consts: dict[str, np.ndarray], node: onnx.NodeProto) -> np.ndarray:

@@ -15,6 +15,7 @@ from compresskit.config.base import (
     Strict,
     TargetConfig,
 )
+from compresskit.config.search import SearchConfig
 from compresskit.config.stages import StageConfig
 from compresskit.registry import did_you_mean
 
@@ -85,6 +86,8 @@ class PipelineConfig(Strict):
               description="Targets of your own, by name, usable in benchmark stages beside the "
                           "built-in ones (see `compresskit ls`).")
     stages: list[StageConfig] = Field(..., min_length=1, description="Stages, run in order.")
+    search: SearchConfig | None = Field(
+        None, description="What `compresskit search` explores, and what it optimises.")
 
 
 def _key_naming(stage: StageBase, role: str) -> tuple[Any, ...]:

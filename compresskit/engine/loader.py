@@ -157,7 +157,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> list[Problem]
                 node[last] = parsed
             else:
                 raise LookupError(key)
-        except (LookupError, IndexError) as e:
+        except IndexError:  # a list index past the end (stages.9 of 5 stages)
+            problems.append(Problem(f"{where}: there is no '{key.strip()}' to set in this "
+                                    "pipeline (a list index past its end)"))
+        except LookupError as e:
             problems.append(Problem(f"{where}: there is no '{e.args[0] if e.args else key}' "
                                     "to set in this pipeline"))
     return problems
@@ -307,6 +310,8 @@ def _target_problems(cfg: PipelineConfig, file: str, lines: dict[Path_, int]) ->
         target = getattr(stage, "target", None)  # prune's
         if isinstance(target, str):
             named.append((("stages", i, "target"), target))
+        if i == len(cfg.stages) - 1 and cfg.search is not None:
+            named.append((("search", "target"), cfg.search.target))
         for path, name in named:
             if name not in known:
                 out.append(Problem(
