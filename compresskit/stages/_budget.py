@@ -8,8 +8,9 @@ samples compared with the unpruned model's (the KD loss at the stage's temperatu
 that cut costs). A ratio per group is then chosen for the least predicted loss that meets the
 step's budget (a Lagrangian: each group takes the level with the least loss minus lambda times
 the saving, lambda found by bisection). The chosen model is exported and timed, interleaved;
-when the table's prediction misses by more than the tolerance, the budget given to the solver
-is moved by the miss and the plan chosen again. Deep cuts (below 0.4x) take two or three steps
+when the table's prediction misses by more than the tolerance, the saving asked of the solver
+is corrected (cuts compound, so by a factor, or by interpolating between two tries that bracket
+the goal) and the plan chosen again. Deep cuts (below 0.4x) take two or three steps
 with recovery between them, as AMC found one-shot deep cuts lose accuracy.
 """
 
@@ -39,7 +40,7 @@ SAMPLES = 256
 """Training samples whose outputs score each cut."""
 TOLERANCE = 0.05
 """How far the measured cost may sit from a step's budget before the plan is chosen again."""
-ROUNDS = 4
+ROUNDS = 6
 
 
 @dataclass
@@ -209,6 +210,7 @@ class BudgetPruner:
                                  "own (torch-pruning found none, or every cut broke the "
                                  "forward pass); a budget needs prunable groups")
             need = current_cost - step_goal
+            tried: list[tuple[float, float]] = []  # (saving asked of the table, measured)
             best: dict[str, Any] | None = None
             rounds = 0
             for _ in range(ROUNDS):
@@ -229,7 +231,8 @@ class BudgetPruner:
                     best = record
                 if abs(miss) <= TOLERANCE * step_goal:
                     break
-                need += miss  # the table was off by this much: ask the solver for it
+                tried.append((need, current_cost - measured))
+                need = _next_need(tried, current_cost - step_goal)
             assert best is not None
             self.job.model = best["model"]
             current_cost = best["measured"]
@@ -250,10 +253,26 @@ class BudgetPruner:
                 "measured": final, "predicted": last["predicted"],
                 "prediction_error": (last["measured"] - last["predicted"])
                 / max(last["predicted"], 1e-12),
-                "met": final <= goal * (1 + 2 * TOLERANCE)}
+                "met": final <= goal * (1 + 2 * TOLERANCE),
+                "within_10_percent": abs(final - goal) <= 0.1 * goal}
 
     def _show(self, cost: float) -> str:
         return f"{cost / 1e3:,.1f} kB" if self.kind == "bytes" else f"{cost:.3f}x"
+
+
+def _next_need(tried: list[tuple[float, float]], wanted: float) -> float:
+    """The saving to ask of the table next so that the measured saving is `wanted`. Cuts
+    compound (a narrower layer also narrows what the next one reads), so the table's sums are
+    off by a factor more than by an offset: between two tries that bracket the goal,
+    interpolate; else scale the closest try by wanted / measured."""
+    below = [t for t in tried if t[1] < wanted]
+    above = [t for t in tried if t[1] >= wanted]
+    if below and above:
+        (a0, m0), (a1, m1) = max(below, key=lambda t: t[1]), min(above, key=lambda t: t[1])
+        if m1 > m0:
+            return a0 + (a1 - a0) * (wanted - m0) / (m1 - m0)
+    asked, measured = min(tried, key=lambda t: abs(t[1] - wanted))
+    return asked * wanted / measured if measured > 0 else asked * 2
 
 
 def reference_latency_ms(path: Path, target: Target, x: Any, runs: int) -> float:

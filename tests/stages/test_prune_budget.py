@@ -10,7 +10,7 @@ import pytest
 
 from compresskit import api
 from compresskit.errors import ConfigError, StageError
-from compresskit.stages._budget import BudgetPruner, Entry, steps_for
+from compresskit.stages._budget import BudgetPruner, Entry, _next_need, steps_for
 from tests.stages.test_prune import ROOT, pipeline
 
 
@@ -31,6 +31,14 @@ def test_the_plan_is_the_least_damage_that_saves_enough():
     assert plan == {"a": 0.5, "b": 0.25, "c": 0.25} and saved == 40
     # Out of reach: the plan that saves most.
     assert BudgetPruner.solve(table, 100) == ({"a": 0.5, "b": 0.5, "c": 0.25}, 55.0)
+
+
+def test_the_next_ask_corrects_the_table_by_a_factor_or_between_two_tries():
+    # Asked 0.5, measured 0.8 (cuts compound): ask 0.5 * 0.5 / 0.8 for 0.5.
+    assert _next_need([(0.5, 0.8)], 0.5) == pytest.approx(0.3125)
+    # Two tries bracket 0.5: interpolate between them.
+    assert _next_need([(0.5, 0.8), (0.2, 0.3)], 0.5) == pytest.approx(0.32)
+    assert _next_need([(0.4, 0.0)], 0.5) == pytest.approx(0.8)  # nothing measured: ask more
 
 
 def test_deep_cuts_take_steps():
