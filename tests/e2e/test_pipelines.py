@@ -22,8 +22,9 @@ def test_example_pipeline_validates(path, monkeypatch):
     api.validate(path)
     header = path.read_text().splitlines()[:3]
     name = path.relative_to(ROOT / "pipelines")
-    assert header[0].startswith("# ") and any(f"Run: compresskit run pipelines/{name}" in h
-                                              for h in header)
+    assert header[0].startswith("# ") and any(
+        f"Run: compresskit {command} pipelines/{name}" in h for h in header
+        for command in ("run", "search"))
 
 
 @pytest.mark.slow
