@@ -61,7 +61,7 @@ def _round_to(cfg: PruneConfig, ctx: StageContext, model: nn.Module,
               ignored: list[str]) -> tuple[int, str]:
     """The channel multiple to keep: as given, else the channel block of the kernels on the
     stage's target (the benchmark stage's first target, else cpu), halved while rounding to it
-    would empty a layer or remove half as much again, or half as little, as asked. torch-pruning
+    would empty a layer or remove a quarter more, or a quarter less, than asked. torch-pruning
     rounds the channels kept down: a 16-channel layer pruned by a quarter keeps 12 at round_to
     4, 8 at 8 and none at 16."""
     if cfg.round_to is not None:
@@ -81,7 +81,7 @@ def _round_to(cfg: PruneConfig, ctx: StageContext, model: nn.Module,
 
     def fits(b: int) -> bool:
         kept = [b * math.floor(w * (1 - ratio) / b) for w in widths]
-        return min(kept, default=1) > 0 and abs(sum(widths) - sum(kept) - wanted) <= 0.5 * wanted
+        return min(kept, default=1) > 0 and abs(sum(widths) - sum(kept) - wanted) <= 0.25 * wanted
 
     chosen = block
     while chosen > 1 and not fits(chosen):
