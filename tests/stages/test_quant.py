@@ -226,7 +226,8 @@ def test_squeeze_excite_convs_are_quantized_too(tmp_path):
     (tmp_path / "se.py").write_text(SE_MODEL)
     cfg = {"name": "se", "data": {"source": "digits", "batch_size": 64},
            "input": {"shape": [1, 8, 8]},
-           "teacher": {"source": "se.py:SqueezeExcite"}, "student": {"source": "se.py:SqueezeExcite"},
+           "teacher": {"source": "se.py:SqueezeExcite"},
+           "student": {"source": "se.py:SqueezeExcite"},
            "stages": [{"type": "train", "model": "student", "epochs": 1, "lr": 0.01},
                       {"type": "qat", "epochs": 0, "calibration_samples": 64, "distill": False}]}
     report = api.run(cfg, base_dir=tmp_path, output_dir=tmp_path / "run", show_progress=False)
