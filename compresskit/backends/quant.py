@@ -435,17 +435,24 @@ def close_qdq(path: Path, batches: list[Any]) -> list[str]:
         nodes = [helper.make_node("QuantizeLinear", [src, s_name, z_name], [f"{t}_cq"]),
                  helper.make_node("DequantizeLinear", [f"{t}_cq", s_name, z_name], [out])]
         inserted_after[src] += nodes
-    order: list[onnx.NodeProto] = [*[q for i in graph_inputs for q in inserted_after.get(i, [])]]
-    for n in model.graph.node:
-        order.append(n)
-        for o in n.output:
-            order += inserted_after.get(o, [])
-    del model.graph.node[:]
-    model.graph.node.extend(order)
+    _insert_after(model, inserted_after)
     done += _int32_biases(model)
     if done:
         onnx.save(model, str(path))
     return done
+
+
+def _insert_after(model: onnx.ModelProto, after: dict[str, list[onnx.NodeProto]]) -> None:
+    """Put the nodes of `after[t]` right after the node that writes tensor t, or first when no
+    node writes it (a graph input), so the graph stays topologically sorted."""
+    written = {o for n in model.graph.node for o in n.output}
+    order = [q for t, nodes in after.items() if t not in written for q in nodes]
+    for n in model.graph.node:
+        order.append(n)
+        for o in n.output:
+            order += after.get(o, [])
+    del model.graph.node[:]
+    model.graph.node.extend(order)
 
 
 def _name(node: onnx.NodeProto) -> str:
@@ -823,14 +830,7 @@ def keep_float(source: Path, out: Path, layers: Iterable[str]) -> None:
                     if q.output[0] not in clipped:
                         clipped[q.output[0]] = _clip_like(model, consts, q, added)
                     node.input[i] = clipped[q.output[0]]
-    if added:  # each Clip right after the tensor it clips, so the graph stays sorted
-        order: list[onnx.NodeProto] = [*added.get("", [])]
-        for n in model.graph.node:
-            order.append(n)
-            for o in n.output:
-                order += added.get(o, [])
-        del model.graph.node[:]
-        model.graph.node.extend(order)
+    _insert_after(model, added)  # each Clip right after the tensor it clips
     _drop_dead(model)
     onnx.save(model, str(out))
 
@@ -852,9 +852,7 @@ def _clip_like(model: onnx.ModelProto, consts: dict[str, np.ndarray], q: onnx.No
     bounds = [numpy_helper.from_array(np.array(v, np.float32), f"{out}_{k}")
               for k, v in (("lo", lo), ("hi", hi))]
     model.graph.initializer.extend(bounds)
-    node = helper.make_node("Clip", [src, bounds[0].name, bounds[1].name], [out])
-    producer_output = src if any(src in n.output for n in model.graph.node) else ""
-    added[producer_output].append(node)
+    added[src].append(helper.make_node("Clip", [src, bounds[0].name, bounds[1].name], [out]))
     return out
 
 
