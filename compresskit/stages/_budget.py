@@ -77,7 +77,7 @@ class BudgetPruner:
 
         return inputs.cat(calibration(self.ctx, SAMPLES))
 
-    def _export(self, model: nn.Module, name: str) -> Path:
+    def export(self, model: nn.Module, name: str) -> Path:
         path = self.work / f"{name}.onnx"
         export_onnx(copy.deepcopy(model).eval(), self.x_export, path, 17,
                     self.ctx.config.inputs)
@@ -136,7 +136,7 @@ class BudgetPruner:
                     continue
                 key = f"{root}@{level}"
                 try:
-                    files[key] = self._export(trial, f"s{step}.g{i}.{level}")
+                    files[key] = self.export(trial, f"s{step}.g{i}.{level}")
                 except ExportError:
                     continue
                 damage[key] = self._damage(self._outputs(trial), base)
@@ -196,14 +196,14 @@ class BudgetPruner:
         """Prune job.model to `goal` (a fraction of the input's latency, or bytes; the input
         costs `reference_cost`: 1.0, or its bytes), in steps with recovery; returns what the
         report shows."""
-        reference = self._export(self.job.model, "input")
+        reference = self.export(self.job.model, "input")
         steps = steps_for(goal / reference_cost)
         records = []
         current_cost = reference_cost
         for step in range(1, steps + 1):
             step_goal = reference_cost * (goal / reference_cost) ** (step / steps)
             model = self.job.model
-            current = self._export(model, f"s{step}.current")
+            current = self.export(model, f"s{step}.current")
             entries = self._table(model, current, reference, step)
             if not entries:
                 raise StageError(self.ctx.name, "no group of this model can be pruned on its "
@@ -220,7 +220,7 @@ class BudgetPruner:
                     raise StageError(self.ctx.name, "the planned cuts, each fine alone, break "
                                      "the forward pass together; add the groups' layers to "
                                      "'ignore'")
-                measured = self._cost({"trial": self._export(trial, f"s{step}.trial")},
+                measured = self._cost({"trial": self.export(trial, f"s{step}.trial")},
                                       reference)["trial"]
                 rounds += 1
                 miss = measured - step_goal
@@ -247,7 +247,7 @@ class BudgetPruner:
                 f"{self._show(best['measured'])} measured; {len(best['plan'])} of {groups} "
                 f"groups cut ({cuts}{', ...' if len(best['plan']) > 5 else ''})")
             self.recover(step, steps)
-        final = self._cost({"final": self._export(self.job.model, "final")}, reference)["final"]
+        final = self._cost({"final": self.export(self.job.model, "final")}, reference)["final"]
         last = records[-1]
         return {"kind": self.kind, "goal": goal, "input": reference_cost, "steps": records,
                 "measured": final, "predicted": last["predicted"],

@@ -191,13 +191,13 @@ def _to_budget(cfg: PruneConfig, ctx: StageContext, job: Shrink, args: dict[str,
 
     pruner = BudgetPruner(job, cfg, ctx, args, target, recover)
     if key == "target_size":
-        reference_cost = float(pruner._export(job.model, "size").stat().st_size)
+        reference_cost = float(pruner.export(job.model, "size").stat().st_size)
         goal = amount
     else:
         reference_cost = 1.0
         goal = amount
         if key == "latency_ms":
-            ms = reference_latency_ms(pruner._export(job.model, "ms"), target, job.x,
+            ms = reference_latency_ms(pruner.export(job.model, "ms"), target, job.x,
                                       cfg.latency_runs)
             goal = amount / ms
             ctx.log(f"latency_ms {amount}: the input runs in {ms:.3f} ms on {name}, so "
