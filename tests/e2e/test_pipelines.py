@@ -47,7 +47,11 @@ def test_digits_end_to_end(tmp_path):
     steps = {s["type"]: s["metrics"] for s in report["stages"] if "change" in s["metrics"]}
     assert set(steps) == {"prune", "lowrank"}
     assert steps["prune"]["change"]["macs_ratio"] < 0.8
-    assert steps["lowrank"]["factorized"] and steps["lowrank"]["change"]["macs_ratio"] < 1.0
+    # lowrank factorises a layer only where the pair runs faster on this CPU (keep_if_slower);
+    # the digits student's convs take a few µs, so it may keep them whole, saying why.
+    lowrank = steps["lowrank"]
+    assert (lowrank["factorized"] and lowrank["change"]["macs_ratio"] < 1.0) or (
+        lowrank["kept"] and any("slower" in why for why in lowrank["kept"].values()))
     fp32 = {(b["artifact"], b["batch_size"]): b["accuracy"] for b in report["benchmarks"]}
     assert fp32[("artifacts/student.fp32.onnx", 1)] >= distill["accuracy"] - 0.01
     # INT8 after QAT + KD: within 0.5 points of the FP32 student, integer kernels throughout.
@@ -62,7 +66,9 @@ def test_digits_end_to_end(tmp_path):
             assert (target, path) in rows
     assert (tmp_path / "run" / "report.html").stat().st_size > 10_000
     assert (tmp_path / "run" / "artifacts" / "bundle.zip").exists()
-    assert report["seconds"] < 180
+    # About two minutes here: the bound catches a runaway (a stage retrained on every run), and
+    # holds on a CPU twice as slow with other work beside it.
+    assert report["seconds"] < 600
 
 
 DISTILL_EXAMPLES = sorted((ROOT / "pipelines" / "distill").glob("*.yaml"))
@@ -84,7 +90,7 @@ def test_distill_example_runs(path, tmp_path, monkeypatch):
     if path.stem == "label_free":
         assert m["labels"] is False
     assert any(a["model"] == "student" for a in report["artifacts"])
-    assert report["seconds"] < 120
+    assert report["seconds"] < 400  # about a minute here; a bound for runaways, not speed
 
 
 @pytest.mark.slow
