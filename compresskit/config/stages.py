@@ -451,12 +451,38 @@ class BenchmarkConfig(StageBase):
             "this much (0.01: one point) of the most accurate one."
         ),
     )
+    verdict_metric: Literal["accuracy", "cosine", "nn_agreement"] | None = Field(
+        None,
+        description=(
+            "The quality metric the verdict judges by; null: the task's first (accuracy, or "
+            "cosine to the teacher). nn_agreement suits a retrieval model, whose users care "
+            "which neighbours come back."
+        ),
+    )
+    verdict_on: str | None = Field(
+        None,
+        description=(
+            "Judge quality on this held-out set of the data source (e.g. text from another "
+            "source than training) instead of the evaluation split."
+        ),
+    )
 
     def problems(self, pipeline: Any) -> list[tuple[tuple[Any, ...], str]]:
+        from compresskit.measure.quality import METRICS
+
+        out: list[tuple[tuple[Any, ...], str]] = []
         if self.lengths and not any(i.dynamic for i in pipeline.inputs):
-            return [(("lengths",), "'lengths' needs an input with a dynamic axis; give one "
-                     "under input: dynamic (e.g. {0: sequence})")]
-        return []
+            out.append((("lengths",), "'lengths' needs an input with a dynamic axis; give one "
+                        "under input: dynamic (e.g. {0: sequence})"))
+        if self.verdict_metric and self.verdict_metric not in METRICS[pipeline.task]:
+            out.append((("verdict_metric",), f"task {pipeline.task} measures "
+                        f"{', '.join(METRICS[pipeline.task])}, not {self.verdict_metric}"))
+        held = pipeline.data.kwargs.get("held_out")
+        if self.verdict_on and isinstance(held, dict) and self.verdict_on not in held:
+            out.append((("verdict_on",), f"the data source has no held-out set "
+                        f"'{self.verdict_on}'; its held_out names "
+                        f"{', '.join(map(repr, held)) or 'none'}"))
+        return out
 
 
 if TYPE_CHECKING:

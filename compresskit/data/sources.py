@@ -106,14 +106,15 @@ def _split_indices(n: int, val_fraction: float, test_fraction: float, seed: int,
 
 
 def _splits(arrays: list[Any], labels: Any, val_fraction: float, test_fraction: float,
-            seed: int, stratify: bool = True) -> dict[str, Any]:
+            seed: int, stratify: bool = True, whole: bool = False) -> dict[str, Any]:
     """TensorDatasets of (inputs..., label) per split; bare inputs when labels is None. Several
     input arrays make samples ((x1, x2, ...), label)."""
+    import numpy as np
     import torch
     from torch.utils.data import Dataset
 
-    parts = _split_indices(len(arrays[0]), val_fraction, test_fraction, seed,
-                           labels if stratify else None)
+    parts = (np.arange(len(arrays[0])), None, np.arange(0)) if whole else _split_indices(
+        len(arrays[0]), val_fraction, test_fraction, seed, labels if stratify else None)
 
     class Arrays(Dataset):
         def __init__(self, index: Any):
@@ -127,7 +128,9 @@ def _splits(arrays: list[Any], labels: Any, val_fraction: float, test_fraction: 
             x = self.xs[0][i] if len(self.xs) == 1 else tuple(v[i] for v in self.xs)
             return (x,) if self.y is None else (x, self.y[i])
 
-    out = {"train": Arrays(parts[0]), "val": Arrays(parts[1])}
+    out = {"train": Arrays(parts[0])}
+    if parts[1] is not None:
+        out["val"] = Arrays(parts[1])
     if len(parts[2]):
         out["test"] = Arrays(parts[2])
     return out
@@ -256,42 +259,77 @@ def sentences(text: str, min_chars: int = 40, max_chars: int = 300) -> list[str]
     return list(out)
 
 
+def _text_of(path: str | None, python: str | None, min_chars: int, max_chars: int,
+             base_dir: Path | None, what: str) -> list[str]:
+    """Sentences from a file (one per line) or a Python value: a string, a list or dict of
+    strings, or a function returning one of those (split into sentences)."""
+    from compresskit.models.sources import resolve_attr
+
+    if (path is None) == (python is None):
+        raise ValueError(f"give the {what} as 'path' (one sentence per line) or 'python' "
+                         "('module:attr'), one of them")
+    if path is not None:
+        lines = _file(path, base_dir, "text file").read_text(encoding="utf-8").splitlines()
+        return list(dict.fromkeys(line.strip() for line in lines if line.strip()))
+    obj = resolve_attr(str(python), base_dir or Path.cwd())
+    if callable(obj):
+        obj = obj()
+    parts = obj.values() if isinstance(obj, dict) else [obj] if isinstance(obj, str) else obj
+    return list(dict.fromkeys(s for part in parts for s in sentences(
+        str(part), min_chars, max_chars)))
+
+
 @DATASETS.register("text")
 def text(tokenizer: str, path: str | None = None, python: str | None = None,
          max_length: int = 64, val_fraction: float = 0.1, test_fraction: float = 0.15,
          seed: int = 0, limit: int | None = None, min_chars: int = 40, max_chars: int = 300,
+         held_out: dict[str, str] | None = None, held_out_limit: int = 300,
          base_dir: Path | None = None) -> dict[str, Any]:
     """Unlabeled sentences, tokenized with a Hugging Face tokenizer ('hf:<folder>'), padded or
     cut to max_length: samples are (input_ids, attention_mask). From `path` (one sentence per
-    line) or `python` ('module:attr', a string, list or dict of strings split into sentences,
-    e.g. the standard library's pydoc_data.topics:topics)."""
+    line) or `python` ('module:attr': a string, list or dict of strings, or a function returning
+    one, split into sentences; e.g. the standard library's pydoc_data.topics:topics, or
+    compresskit.data.corpora:python_docs).
+
+    `held_out` names more evaluation sets from other text ({name: 'module:attr', or a file of
+    one sentence per line}),
+    `held_out_limit` sentences each, drawn with the seed; a sentence also in the training text is
+    left out of them. Every benchmark measures each artifact on them beside the test split."""
     import numpy as np
 
     from compresskit.models import hf
-    from compresskit.models.sources import resolve_attr
 
-    if (path is None) == (python is None):
-        raise ValueError("give the text as 'path' (one sentence per line) or 'python' "
-                         "('module:attr'), one of them")
-    if path is not None:
-        lines = _file(path, base_dir, "text file").read_text(encoding="utf-8").splitlines()
-        found = [line.strip() for line in lines if line.strip()]
-    else:
-        obj = resolve_attr(str(python), base_dir or Path.cwd())
-        parts = obj.values() if isinstance(obj, dict) else [obj] if isinstance(obj, str) \
-            else obj
-        found = list(dict.fromkeys(s for part in parts for s in sentences(
-            str(part), min_chars, max_chars)))
+    found = _text_of(path, python, min_chars, max_chars, base_dir, "text")
     if limit:
         found = found[:limit]
     if len(found) < 10:
         raise ValueError(f"only {len(found)} sentences found; the text source needs at least 10")
     tok = hf.load_tokenizer(tokenizer, base_dir or Path.cwd())
-    enc = tok(found, padding="max_length", truncation=True, max_length=max_length,
-              return_tensors="np")
-    arrays = [np.asarray(enc["input_ids"], dtype=np.int64),
-              np.asarray(enc["attention_mask"], dtype=np.int64)]
-    return {**_splits(arrays, None, val_fraction, test_fraction, seed), "texts": found}
+
+    def encode(texts: list[str]) -> list[Any]:
+        enc = tok(texts, padding="max_length", truncation=True, max_length=max_length,
+                  return_tensors="np")
+        return [np.asarray(enc["input_ids"], dtype=np.int64),
+                np.asarray(enc["attention_mask"], dtype=np.int64)]
+
+    out = {**_splits(encode(found), None, val_fraction, test_fraction, seed), "texts": found}
+    extra: dict[str, Any] = {}
+    known = set(found)
+    for name, spec in (held_out or {}).items():
+        is_file = ":" not in spec  # 'module:attr' or 'file.py:attr'; else a text file
+        other = [s for s in _text_of(spec if is_file else None, None if is_file else spec,
+                                     min_chars, max_chars, base_dir, f"held_out '{name}'")
+                 if s not in known]
+        if len(other) < 10:
+            raise ValueError(f"held_out '{name}' has only {len(other)} sentences not in the "
+                             "training text; it needs at least 10")
+        pick = np.sort(np.random.default_rng(seed).permutation(len(other))[:held_out_limit])
+        texts = [other[i] for i in pick]
+        extra[name] = _splits(encode(texts), None, 0.0, 0.0, seed, whole=True)["train"]
+        out[f"texts:{name}"] = texts
+    if extra:
+        out["held_out"] = extra
+    return out
 
 
 @dataclass
@@ -301,6 +339,9 @@ class Splits:
     test: Dataset | None
     labels: list[str] | None = None
     """Class names by index, when the source gives them (a 'labels' entry)."""
+    held_out: dict[str, Dataset] = field(default_factory=dict)
+    """More evaluation sets by name (text from another source than training), measured by the
+    benchmark beside the evaluation split."""
     memo: dict[str, Any] = field(default_factory=dict)
     """Values computed once per run from these splits (the teacher's evaluation outputs)."""
 
@@ -360,13 +401,21 @@ def load_data(cfg: DataConfig, inp: InputConfig | list[InputConfig], base_dir: P
         raise _problem(cfg_file, f"'{cfg.source}' must return a mapping with 'train' and 'val' "
                                  f"(and optionally 'test') datasets, got {got}")
     labels = out.get("labels")
+    held = out.get("held_out") or {}
+    if not isinstance(held, dict):
+        raise _problem(cfg_file, f"'{cfg.source}' returned 'held_out' as "
+                                 f"{type(held).__name__}; it must map names to datasets")
     splits = Splits(train=out["train"], val=out["val"], test=out.get("test"),
+                    held_out=dict(held),
                     labels=[str(v) for v in labels] if isinstance(labels, (list, tuple)) else None)
     for name in ("train", "val", "test"):
         ds = getattr(splits, name)
         if ds is None:
             continue
         _check_split(ds, name, cfg.source, specs, cfg_file, labels_needed=task == "classify")
+    for name, ds in splits.held_out.items():
+        _check_split(ds, f"held_out:{name}", cfg.source, specs, cfg_file,
+                     labels_needed=task == "classify")
     return splits
 
 

@@ -33,26 +33,34 @@ def eval_arrays(ctx: StageContext) -> tuple[Any, np.ndarray]:
     """The evaluation split as (inputs, target) arrays, inputs in the configured dtypes (a
     tuple for several inputs). The target is the integer labels for task classify, the
     teacher's embeddings of the same samples for task embed."""
+    return _arrays(ctx, ctx.data().eval, ctx.data().eval_name)
+
+
+def held_out_arrays(ctx: StageContext) -> dict[str, tuple[Any, np.ndarray]]:
+    """The data source's other evaluation sets (`Splits.held_out`), as `eval_arrays` gives the
+    evaluation split."""
+    return {name: _arrays(ctx, ds, f"held_out:{name}")
+            for name, ds in ctx.data().held_out.items()}
+
+
+def _arrays(ctx: StageContext, ds: Any, name: str) -> tuple[Any, np.ndarray]:
     from compresskit.train.loop import unpack
 
-    data = ctx.data()
-    ds = data.eval
-    n = len(ds)  # type: ignore[arg-type]  # map-style, checked by data.load_data
-    pairs = [unpack(ds[i]) for i in range(n)]
+    pairs = [unpack(ds[i]) for i in range(len(ds))]
     x = inputs.numpy(inputs.stack([p[0] for p in pairs]), [i.dtype for i in ctx.config.inputs])
     if ctx.config.task == "embed":
-        return x, teacher_embeddings(ctx, x)
+        return x, teacher_embeddings(ctx, x, name)
     return x, np.array([int(p[1]) for p in pairs])  # type: ignore[arg-type]  # checked labels
 
 
-def teacher_embeddings(ctx: StageContext, x: Any) -> np.ndarray:
-    """The teacher's outputs on the evaluation inputs (torch, FP32), computed once per teacher
-    weights and kept with the data splits."""
+def teacher_embeddings(ctx: StageContext, x: Any, split: str = "eval") -> np.ndarray:
+    """The teacher's outputs on the inputs of one evaluation set (torch, FP32), computed once
+    per teacher weights and kept with the data splits."""
     from compresskit.distill.teacher_cache import weights_digest
 
     teacher = ctx.model("teacher")
     memo = ctx.data().memo
-    key = "teacher_embeddings:" + weights_digest(teacher)
+    key = f"teacher_embeddings:{split}:" + weights_digest(teacher)
     if key not in memo:
         memo[key] = predict_torch(teacher, x, ctx.config.data.eval_batch_size)
     return memo[key]  # type: ignore[no-any-return]

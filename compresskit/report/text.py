@@ -234,14 +234,19 @@ def sections(report: dict[str, Any]) -> list[Section]:
         out.append(Section("Artifacts", ["path", "precision", "bytes", "sha256"], [
             [f"`{a['path']}`", a["precision"], _fmt(a["bytes"]), a["sha256"][:12]]
             for a in report["artifacts"]]))
+    metrics = quality.METRICS[report.get("task", "classify")]
     for target in dict.fromkeys(b["target"] for b in report["benchmarks"]):
         lengths = any(b.get("length") for b in report["benchmarks"])
+        held = list(dict.fromkeys(h for b in report["benchmarks"] if b["target"] == target
+                                  for h in b.get("held_out") or {}))
         rows = [[f"`{b['artifact']}`", str(b["batch_size"]),
                  *([str(b.get("length") or "-")] if lengths else []), str(b["threads"]),
                  fmt_ms(b["latency_ms"]["p50"]), fmt_ms(b["latency_ms"]["p90"]),
                  fmt_ms(b["latency_ms"]["p99"]), _fmt(b["throughput_per_s"], 1),
                  _cold(b), _fmt(b["peak_rss_mb"], 1),
-                 *[_fmt(b.get(m)) for m in quality.METRICS[report.get("task", "classify")]],
+                 *[_fmt(b.get(m)) for m in metrics],
+                 *[_fmt((b.get("held_out") or {}).get(h, {}).get(m))
+                   for h in held for m in metrics],
                  _fmt(b.get("file_bytes", b.get("bytes")))]
                 for b in report["benchmarks"] if b["target"] == target]
         device = next((b["device"] for b in report["benchmarks"]
@@ -250,8 +255,9 @@ def sections(report: dict[str, Any]) -> list[Section]:
                            ["artifact", "batch", *(["length"] if lengths else []), "threads",
                             "p50", "p90", "p99", "throughput/s",
                             "cold start (session + first run)", "peak RSS MB",
-                            *[quality.LABELS[m] for m in quality.METRICS[
-                                report.get("task", "classify")]], "bytes"], rows,
+                            *[quality.LABELS[m] for m in metrics],
+                            *[f"{quality.LABELS[m]} ({h})" for h in held for m in metrics],
+                            "bytes"], rows,
                            [f"Measured on the device; {device_line(device)}."] if device else []))
     unavailable = {k: v for s in report["stages"]
                    for key in ("unavailable_targets", "failed_targets")
@@ -305,10 +311,21 @@ def verdicts(report: dict[str, Any]) -> list[str]:
     """Per target, at its smallest batch: the fastest artifact whose accuracy is within the
     benchmark stage's verdict_tolerance of the most accurate one, and why. Files as fast as it
     within measurement noise tie with it, and the smallest of them is shipped."""
-    tol = next((s["metrics"]["verdict_tolerance"] for s in report["stages"]
-                if "verdict_tolerance" in s["metrics"]), 0.01)
+    bench: dict[str, Any] = next((s["metrics"] for s in report["stages"]
+                  if "verdict_tolerance" in s["metrics"]), {})
+    tol = bench.get("verdict_tolerance", 0.01)
+    k = bench.get("verdict_metric") or metric_key(report)
+    on = bench.get("verdict_on")
     lines = []
-    k = metric_key(report)
+    label = quality.LABELS.get(k, k) + (f" on {on}" if on else "")
+
+    def value(b: dict[str, Any]) -> float:
+        return float(b["held_out"][on][k] if on else b[k])
+
+    def change(new: float, old: float) -> str:
+        return f"{100 * (new - old):+.1f} points" if k == "accuracy" else \
+            f"{new - old:+.4f} {label}"
+
     for target in dict.fromkeys(b["target"] for b in report["benchmarks"]):
         rows = [b for b in report["benchmarks"] if b["target"] == target]
         bs = min(b["batch_size"] for b in rows)
@@ -316,8 +333,11 @@ def verdicts(report: dict[str, Any]) -> list[str]:
         # With several sequence lengths, judge at the longest: where the cost is.
         longest = max((b.get("length") or 0) for b in rows)
         rows = [b for b in rows if (b.get("length") or 0) == longest]
-        best = max(b[k] for b in rows)
-        good = [b for b in rows if b[k] >= best - tol - 1e-12]
+        if on and not all(on in (b.get("held_out") or {}) for b in rows):
+            lines.append(f"{target}: no verdict: {on} was not measured on this target")
+            continue
+        best = max(value(b) for b in rows)
+        good = [b for b in rows if value(b) >= best - tol - 1e-12]
         fastest = min(good, key=lambda b: b["latency_ms"]["p50"])
         ties = [b for b in good if b is fastest or tied(b, fastest)]
         pick = min(ties, key=lambda b: (b["bytes"], b["artifact"]))
@@ -328,7 +348,7 @@ def verdicts(report: dict[str, Any]) -> list[str]:
         tie = (f"; as fast as {', '.join(others)} within measurement noise, and the smallest"
                if others else "")
         within = f"{100 * tol:g} point{'' if tol == 0.01 else 's'}" if k == "accuracy" \
-            else f"{tol:g} {metric_label(report)}"
+            else f"{tol:g} {label}"
         best_one = "the most accurate one" if k == "accuracy" else "the best one"
         if pick is ref:
             lines.append(f"{target}: ship {name}: no other file is as fast within {within} "
@@ -337,7 +357,8 @@ def verdicts(report: dict[str, Any]) -> list[str]:
         pace = _pace(ref["latency_ms"]["p50"] / pick["latency_ms"]["p50"])
         lines.append(
             f"{target}: ship {name}: {pace} than {Path(ref['artifact']).name} at "
-            f"{delta(report, pick[k], ref[k])}, {pick['bytes'] / max(1, ref['bytes']):.2f}x "
+            f"{change(value(pick), value(ref))}, "
+            f"{pick['bytes'] / max(1, ref['bytes']):.2f}x "
             f"its size ({_at(pick)}: the fastest file within {within} of {best_one}{tie}).")
     return lines
 

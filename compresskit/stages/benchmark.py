@@ -23,6 +23,11 @@ def run(cfg: BenchmarkConfig, ctx: StageContext) -> StageResult:
     artifacts = sorted((a for a in ctx.artifacts if a.get("format") == "onnx"),
                        key=lambda a: (a.get("model") != "teacher", a.get("precision") != "fp32"))
     x, y = profile.eval_arrays(ctx)
+    held_out = profile.held_out_arrays(ctx)
+    if cfg.verdict_on and cfg.verdict_on not in held_out:
+        raise StageError(ctx.name, f"verdict_on names the held-out set '{cfg.verdict_on}', but "
+                         f"the data source gives {', '.join(map(repr, held_out)) or 'none'}; "
+                         "name one of those, or drop verdict_on")
     settings = bench.Settings(batch_sizes=tuple(cfg.batch_sizes), threads=cfg.threads,
                               warmup=cfg.warmup, runs=cfg.runs, seconds=cfg.seconds,
                               memory=cfg.memory)
@@ -66,6 +71,7 @@ def run(cfg: BenchmarkConfig, ctx: StageContext) -> StageResult:
             continue
         except (ort_backend.ModelFileError, ort_backend.FeedError) as e:
             raise StageError(ctx.name, f"target {name}: {e}") from None
+        held: dict[str, dict[str, dict[str, float]]] = {}
         if target.remote is not None:
             scores = {path: profile.score(ctx, out, y) for path, out in outputs.items()}
         else:
@@ -76,11 +82,16 @@ def run(cfg: BenchmarkConfig, ctx: StageContext) -> StageResult:
                     sess = ort_backend.session(files[a["path"]], target, threads, work)
                     scores[a["path"]] = profile.score(ctx, ort_backend.predict(
                         sess, x, ctx.config.data.eval_batch_size), y)
+                    held[a["path"]] = {name: profile.score(ctx, ort_backend.predict(
+                        sess, hx, ctx.config.data.eval_batch_size), hy)
+                        for name, (hx, hy) in held_out.items()}
         for row in measured:
             a = next(a for a in artifacts if a["path"] == row["artifact"])
             row.update({"model": a.get("model"), "method": a.get("method"),
                         "precision": a.get("precision"), "bytes": a["bytes"],
                         **scores[a["path"]]})
+            if held.get(a["path"]):  # a remote target is scored on the evaluation split only
+                row["held_out"] = held[a["path"]]
             rows.append(row)
             at = f" len={row['length']}" if row.get("length") else ""
             ctx.log(f"{name} bs={row['batch_size']}{at} {a['path']}: p50 "
@@ -92,5 +103,10 @@ def run(cfg: BenchmarkConfig, ctx: StageContext) -> StageResult:
         raise StageError(ctx.name, "no target could measure: " + "; ".join(
             f"{k}: {v}" for k, v in {**unavailable, **failed}.items()))
     return StageResult(metrics={"unavailable_targets": unavailable, "failed_targets": failed,
-                                "verdict_tolerance": cfg.verdict_tolerance}, benchmarks=rows,
+                                "verdict_tolerance": cfg.verdict_tolerance,
+                                "verdict_metric": cfg.verdict_metric or metric,
+                                "verdict_on": cfg.verdict_on,
+                                "eval_split": ctx.data().eval_name,
+                                "held_out": {name: len(hy) for name, (_, hy) in
+                                             held_out.items()}}, benchmarks=rows,
                        incomplete="; ".join(failed.values()) or None)
