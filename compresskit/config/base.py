@@ -36,6 +36,14 @@ class DataConfig(Strict):
         default_factory=dict, description="Keyword arguments passed to the data source."
     )
     batch_size: int = Field(64, ge=1, description="Training batch size.")
+    group_by_length: bool = Field(
+        False,
+        description=(
+            "Token inputs (an attention_mask with a dynamic sequence axis): train on batches of "
+            "similar length and cut the padding no sample in the batch uses; the outputs do "
+            "not change, the work falls with the padding. Teacher caches are built the same way."
+        ),
+    )
     eval_batch_size: int = Field(256, ge=1, description="Batch size for evaluation passes.")
 
 

@@ -30,8 +30,9 @@ from compresskit.engine import distributed as dist
 from compresskit.engine.artifacts import sha256_file, write_json
 from compresskit.engine.context import StageContext
 from compresskit.errors import StageError
-from compresskit.models.inputs import as_tensors, call, count, is_multi, to
-from compresskit.train.loop import Batch, loader, unpack
+from compresskit.models.inputs import as_tensors, call, is_multi, stack, to
+from compresskit.train.loop import Batch, unpack
+from compresskit.train.padding import Padding
 
 LOGITS = "logits"
 
@@ -89,6 +90,8 @@ class TeacherOutputs:
         self.modules = {n: list(dict.fromkeys(modules.get(n, []))) for n in teachers}
         self.device = device
         self.cached: dict[str, np.ndarray] | None = None
+        self.padding: Padding | None = None
+        """Set when training cuts padding: the cache is then built by length too."""
 
     @torch.no_grad()
     def live(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -138,6 +141,16 @@ class TeacherOutputs:
         dist.barrier()
         self.cached = {k: np.load(_file(folder, k), mmap_mode="r") for k in wanted}
 
+    def _cuts_safely(self, ds: Dataset, keys: list[str]) -> bool:
+        """Whether cutting padding leaves the shape of every output to cache as it is (a pooled
+        embedding or logits); per-token outputs keep the full length."""
+        if self.padding is None:
+            return False
+        x = to(stack([unpack(ds[i])[0] for i in range(min(2, len(ds)))]),  # type: ignore[arg-type]
+               self.device)
+        full, cut = self.live(x), self.live(self.padding.trim(x))
+        return all(full[k].shape == cut[k].shape for k in keys)
+
     @torch.no_grad()
     def _build(self, folder: Path, todo: dict[str, tuple[str, str | None]],
                keys: dict[str, str], ds: Dataset, precision: str, batch_size: int) -> None:
@@ -145,9 +158,15 @@ class TeacherOutputs:
         n = len(ds)  # type: ignore[arg-type]
         arrays: dict[str, np.memmap] = {}
         temps: dict[str, Path] = {}
-        start = 0
-        for sample in loader(ds, batch_size, shuffle=False, seed=0):
-            x = to(as_tensors(unpack(sample)[0]), self.device)
+        # With padding known, samples go by length so each batch is cut to its longest.
+        padding = self.padding if self._cuts_safely(ds, list(todo)) else None
+        order = np.arange(n) if padding is None else \
+            np.argsort(padding.lengths(ds), kind="stable")
+        for start in range(0, n, batch_size):
+            index = order[start:start + batch_size]
+            x = to(stack([unpack(ds[int(i)])[0] for i in index]), self.device)
+            if padding is not None:
+                x = padding.trim(x)
             out = self.live(x)
             for k in todo:
                 value = out[k].float().cpu().numpy()
@@ -156,8 +175,7 @@ class TeacherOutputs:
                     arrays[k] = np.lib.format.open_memmap(
                         temps[k], mode="w+", dtype=np.dtype(precision),
                         shape=(n, *value.shape[1:]))
-                arrays[k][start:start + len(value)] = value
-            start += count(x)
+                arrays[k][index] = value
         for k, array in arrays.items():
             array.flush()
             del array
@@ -203,7 +221,10 @@ def _check(folder: Path, output: str, key: str) -> str | None:
 def for_stage(ctx: StageContext, cfg: TeacherCacheOptions, teachers: dict[str, nn.Module],
               modules: dict[str, list[str]] | None = None) -> TeacherOutputs:
     """The teachers' outputs on the pipeline's training split, cached as `cfg` says."""
+    from compresskit.train.loop import padding
+
     outputs = TeacherOutputs(teachers, modules or {}, ctx.device)
+    outputs.padding = padding(ctx)
     if cfg.cache_teacher is False:
         return outputs
     ds = ctx.data().train

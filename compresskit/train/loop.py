@@ -16,6 +16,7 @@ from compresskit.config import TrainingOptions
 from compresskit.engine import distributed as dist
 from compresskit.models.inputs import as_tensors, call, to
 from compresskit.models.inputs import count as count_of
+from compresskit.train.padding import LengthGroupedBatches, Padding
 
 
 @dataclass
@@ -157,16 +158,19 @@ def fit(model: nn.Module, train: Dataset, opts: TrainingOptions, *, batch_size: 
         val: Dataset | None = None, eval_batch_size: int = 256,
         extra_params: list[nn.Parameter] | None = None,
         resume: Path | None = None,
-        after_step: Callable[[], None] | None = None) -> dict[str, Any]:
+        after_step: Callable[[], None] | None = None,
+        padding: Padding | None = None) -> dict[str, Any]:
     """Train `model` in place for opts.epochs; returns the loss and val-accuracy history.
 
     With `resume`, a checkpoint (weights, optimiser, schedule, shuffling and RNG state) is saved
     there every `opts.checkpoint_every` epochs and at the end, and a later call with the same path
     continues from it, producing the same weights as an uninterrupted run. `after_step` runs
     after every optimiser step (e.g. to update a moving-average teacher held inside `model`).
+    With `padding`, batches group samples of similar length and drop unused padding columns
+    (train/padding.py).
     """
     model.to(device)
-    data, sampler = _train_loader(train, batch_size, seed)
+    data, sampler = _train_loader(train, batch_size, seed, padding)
     net = _wrap(model, device)
     params = [p for p in model.parameters() if p.requires_grad] + list(extra_params or [])
     opt = make_optimizer(params, opts)
@@ -188,8 +192,8 @@ def fit(model: nn.Module, train: Dataset, opts: TrainingOptions, *, batch_size: 
         total, count = 0.0, 0
         for raw in data:
             y = raw.get("y")
-            batch = Batch(to(raw["x"], device), None if y is None else y.to(device),
-                          raw["index"])
+            x = raw["x"] if padding is None else padding.trim(raw["x"])
+            batch = Batch(to(x, device), None if y is None else y.to(device), raw["index"])
             loss, terms = step(net, batch)
             value = float(loss.detach())
             # Under torchrun every rank sees the mean, so all stop together on a NaN.
@@ -241,15 +245,29 @@ def fit_stage(ctx: Any, model: nn.Module, opts: TrainingOptions, step: StepFn, w
                    device=ctx.device, seed=ctx.seed, progress=ctx.progress,
                    desc=f"{ctx.name} {what}", val=data.val,
                    eval_batch_size=ctx.config.data.eval_batch_size,
-                   resume=ctx.work_dir / f"{resume}.resume.pt", after_step=after_step)
+                   resume=ctx.work_dir / f"{resume}.resume.pt", after_step=after_step,
+                   padding=padding(ctx))
     except Diverged as e:
         raise StageError(ctx.name, f"{blame}{e}{hint}") from None
 
 
-def _train_loader(train: Dataset, batch_size: int, seed: int) -> tuple[DataLoader, Any]:
-    """One process: shuffled batches. Under torchrun: each rank a shard of each epoch, with
-    `batch_size` the global batch (split across ranks), so steps per epoch stay the same."""
+def padding(ctx: Any) -> Padding | None:
+    """The pipeline's padded inputs when `data.group_by_length` asks to batch by length."""
+    return Padding.of(ctx.config.inputs) if ctx.config.data.group_by_length else None
+
+
+def _train_loader(train: Dataset, batch_size: int, seed: int,
+                  padding: Padding | None = None) -> tuple[DataLoader, Any]:
+    """One process: shuffled batches (of similar lengths with `padding`). Under torchrun: each
+    rank a shard of each epoch, with `batch_size` the global batch (split across ranks), so
+    steps per epoch stay the same; padding is still cut, batches are not grouped."""
+    lengths = None if padding is None or dist.active() else padding.lengths(train)
     train = Indexed(train)
+    if lengths is not None:
+        gen = torch.Generator()
+        gen.manual_seed(seed)
+        return DataLoader(train, batch_sampler=LengthGroupedBatches(lengths, batch_size, gen),
+                          generator=gen), None
     if not dist.active():
         return loader(train, batch_size, shuffle=True, seed=seed), None
     from torch.utils.data.distributed import DistributedSampler
