@@ -68,8 +68,22 @@ class CosineTerm(Strict):
     weight: float = Field(1.0, ge=0, description="Weight of this term.")
 
 
+class RelationTerm(Strict):
+    """MiniLMv2 self-attention relations (Wang et al. 2021): the softmax of X X^T / sqrt(d),
+    per relation head, of one projection (queries, keys or values: e.g.
+    encoder.layer.5.attention.self.query) of a teacher layer and of a student layer, matched by
+    KL over the real (unpadded) tokens. Widths may differ; no adapter is needed. Use one term
+    each for the query, key and value projections, as the paper does."""
+
+    type: Literal["relations"]
+    student: str = Field(..., description="Student module with [batch, tokens, width] output.")
+    teacher: str = Field(..., description="Teacher module with [batch, tokens, width] output.")
+    heads: int = Field(12, ge=1, description="Relation heads; must divide both widths.")
+    weight: float = Field(1.0, ge=0, description="Weight of this term.")
+
+
 LossTerm = Annotated[
-    Union[KLTerm, FeatureTerm, AttentionTerm, CosineTerm],  # noqa: UP007
+    Union[KLTerm, FeatureTerm, AttentionTerm, CosineTerm, RelationTerm],  # noqa: UP007
     Field(discriminator="type"),
 ]
 

@@ -15,6 +15,7 @@ from compresskit.distill.teacher_cache import TeacherOutputs, output_key
 from compresskit.models.inputs import call, perturb
 from compresskit.ops import kd
 from compresskit.train.loop import Batch
+from compresskit.train.padding import Padding
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ def requested_modules(cfg: DistillConfig) -> tuple[list[str], list[str]]:
     student: list[str] = []
     teacher: list[str] = []
     for term in cfg.losses:
-        if term.type in ("features", "attention", "cosine"):
+        if term.type in ("features", "attention", "cosine", "relations"):
             if term.student:  # type: ignore[union-attr]
                 student.append(term.student)  # type: ignore[union-attr]
             if term.teacher:  # type: ignore[union-attr]
@@ -99,7 +100,14 @@ def problems(cfg: DistillConfig, student: nn.Module, teachers: dict[str, nn.Modu
             continue
         s = s_feats[term.student] if term.student else s_out  # type: ignore[union-attr]
         t = t_feats[term.teacher] if term.teacher else t_out  # type: ignore[union-attr]
-        if term.type == "attention" and (s.dim() != 4 or t.dim() != 4):
+        if term.type == "relations":
+            for side, v in (("student", s), ("teacher", t)):
+                if v.dim() != 3 or v.shape[-1] % term.heads:  # type: ignore[union-attr]
+                    out.append((("losses", i), f"{_label(i, term)}: the {side}'s module gives "
+                                f"{list(v.shape[1:])} (without batch); relations need [tokens, "
+                                f"width] with the width a multiple of heads "
+                                f"({term.heads})"))  # type: ignore[union-attr]
+        elif term.type == "attention" and (s.dim() != 4 or t.dim() != 4):
             out.append((("losses", i), f"{_label(i, term)}: attention transfer needs [C, H, W] "
                         f"feature maps; the student's output is {list(s.shape[1:])}, the "
                         f"teacher's {list(t.shape[1:])} (without batch)"))
@@ -128,8 +136,13 @@ class Objective:
     """loss(batch) = alpha * sum_i w_i * term_i + (1 - alpha) * CE, for `Distiller` training."""
 
     def __init__(self, cfg: DistillConfig, distiller: Distiller, source: TeacherOutputs,
-                 teachers: list[Teacher], temperature: float, noise: float = 0.0):
+                 teachers: list[Teacher], temperature: float, noise: float = 0.0,
+                 padding: Padding | None = None, trimmed: bool = False):
         self.cfg, self.source, self.teachers = cfg, source, teachers
+        self.padding = padding
+        """Which input is the attention mask (relations ignore padded tokens)."""
+        self.trimmed = trimmed
+        """Batches come with their padding cut (data.group_by_length)."""
         self.temperature, self.noise = temperature, noise
         self.first = teachers[0].name
         self.student_modules, self.teacher_modules = requested_modules(cfg)
@@ -144,7 +157,7 @@ class Objective:
         t_out, t_feats = _probe(teacher, t_names, example)
         made: dict[str, nn.Module] = {}
         for i, term in enumerate(cfg.losses):
-            if term.type not in ("features", "cosine"):
+            if term.type not in ("features", "cosine"):  # relations need no bridge
                 continue
             s = s_feats[term.student] if term.student else s_out  # type: ignore[union-attr]
             t = t_feats[term.teacher] if term.teacher else t_out  # type: ignore[union-attr]
@@ -166,14 +179,14 @@ class Objective:
         terms: dict[str, float] = {}
         total = logits.new_zeros(())
         for i, term in enumerate(self.cfg.losses):
-            value = self._term(i, term, logits, teacher, distiller)
+            value = self._term(i, term, logits, teacher, distiller, x)
             label = f"{term.type}{i}" if len(self.cfg.losses) > 1 else term.type
             terms[label] = float(value.detach())
             total = total + term.weight * value
         return kd.mix_with_labels(total, logits, batch.y, self.cfg.alpha, terms)
 
     def _term(self, i: int, term: Any, logits: torch.Tensor, teacher: dict[str, torch.Tensor],
-              distiller: Distiller) -> torch.Tensor:
+              distiller: Distiller, x: Any) -> torch.Tensor:
         if term.type == "kl":
             only = self.teachers[0]
             if len(self.teachers) == 1 and only.temperature == self.temperature:
@@ -185,6 +198,11 @@ class Objective:
         s = self.taps.take(term.student) if term.student else logits
         t = teacher[output_key(self.first, term.teacher)] if term.teacher else \
             teacher[self.first]
+        if self.trimmed and t.dim() == 3 and s.dim() == 3 and t.shape[1] > s.shape[1]:
+            t = t[:, :s.shape[1]]  # cached at full length; this batch's padding was cut
+        if term.type == "relations":
+            mask = None if self.padding is None else x[self.padding.mask]
+            return kd.relation_loss(s, t, term.heads, mask)
         if term.type == "attention":
             return kd.attention_loss(s, t)
         if term.type == "cosine":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -142,3 +143,32 @@ def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, decay: float)
             target.mul_(decay).add_(value.detach(), alpha=1.0 - decay)
         else:
             target.copy_(value)
+
+
+def self_relations(x: torch.Tensor, heads: int, mask: torch.Tensor | None) -> torch.Tensor:
+    """log softmax(X_h X_h^T / sqrt(d)) per relation head h: x [B, L, D] is split into `heads`
+    slices of D / heads; padded keys (mask 0) get no probability. Returns [B, heads, L, L]."""
+    b, n, d = x.shape
+    xh = x.reshape(b, n, heads, d // heads).transpose(1, 2)
+    scores = xh @ xh.transpose(-1, -2) / math.sqrt(d // heads)
+    if mask is not None:
+        # A finite fill: padded keys get exp(fill) = 0 and no NaN reaches the gradient.
+        scores = scores.masked_fill(~mask.bool()[:, None, None, :],
+                                    torch.finfo(scores.dtype).min / 4)
+    return F.log_softmax(scores, dim=-1)
+
+
+def relation_loss(student: torch.Tensor, teacher: torch.Tensor, heads: int,
+                  mask: torch.Tensor | None = None) -> torch.Tensor:
+    """MiniLMv2 (Wang et al. 2021): KL(teacher || student) between the self-relations of one
+    projection (queries, keys or values) of a teacher layer and of a student layer, averaged
+    over relation heads and real query positions. The widths may differ; `heads` must divide
+    both."""
+    log_s = self_relations(student, heads, mask)
+    log_t = self_relations(teacher.detach(), heads, mask)
+    p_t = log_t.exp()
+    kl = (p_t * (log_t - log_s)).sum(-1)  # [B, heads, L]
+    if mask is None:
+        return kl.mean()
+    rows = mask.bool()[:, None, :].expand_as(kl)
+    return kl[rows].mean()

@@ -34,6 +34,7 @@ from compresskit.train.loop import (
     fit_stage,
     has_labels,
 )
+from compresskit.train.padding import Padding
 
 
 def run(cfg: DistillConfig, ctx: StageContext) -> StageResult:
@@ -115,7 +116,9 @@ def _train(cfg: DistillConfig, ctx: StageContext, student: nn.Module, source: Te
     adapters = Objective.adapters(cfg, student, teacher_model, example)
     distiller = Distiller(student, adapters, ema).to(ctx.device)
     objective = Objective(cfg, distiller, source, team, temperature,
-                          noise=cfg.noise if ema is not None else 0.0)
+                          noise=cfg.noise if ema is not None else 0.0,
+                          padding=Padding.of(ctx.config.inputs),
+                          trimmed=ctx.config.data.group_by_length)
     after = (lambda: kd.ema_update(ema, student, cfg.ema_decay)) if ema is not None else None
     try:
         return fit_stage(ctx, distiller, cfg.options(epochs), objective, tag, resume=tag,
