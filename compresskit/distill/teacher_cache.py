@@ -31,7 +31,7 @@ from compresskit.engine.artifacts import sha256_file, write_json
 from compresskit.engine.context import StageContext
 from compresskit.errors import StageError
 from compresskit.models.inputs import as_tensors, call, is_multi, stack, to
-from compresskit.train.loop import Batch, unpack
+from compresskit.train.loop import Batch, sample_lengths, unpack
 from compresskit.train.padding import Padding
 
 LOGITS = "logits"
@@ -161,7 +161,7 @@ class TeacherOutputs:
         # With padding known, samples go by length so each batch is cut to its longest.
         padding = self.padding if self._cuts_safely(ds, list(todo)) else None
         order = np.arange(n) if padding is None else \
-            np.argsort(padding.lengths(ds), kind="stable")
+            np.argsort(sample_lengths(padding, ds), kind="stable")
         for start in range(0, n, batch_size):
             index = order[start:start + batch_size]
             x = to(stack([unpack(ds[int(i)])[0] for i in index]), self.device)

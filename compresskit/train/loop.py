@@ -251,6 +251,20 @@ def fit_stage(ctx: Any, model: nn.Module, opts: TrainingOptions, step: StepFn, w
         raise StageError(ctx.name, f"{blame}{e}{hint}") from None
 
 
+def sample_lengths(padding: Padding, ds: Dataset, batch_size: int = 1024) -> Any:
+    """Each sample's length (one past its last real token), as a numpy array."""
+    import numpy as np
+
+    n = len(ds)  # type: ignore[arg-type]
+    out = np.empty(n, dtype=np.int64)
+    for start in range(0, n, batch_size):
+        stop = min(n, start + batch_size)
+        masks = torch.stack([torch.as_tensor(unpack(ds[i])[0][padding.mask])
+                             for i in range(start, stop)])
+        out[start:stop] = padding.length({padding.mask: masks}).numpy()
+    return out
+
+
 def padding(ctx: Any) -> Padding | None:
     """The pipeline's padded inputs when `data.group_by_length` asks to batch by length."""
     return Padding.of(ctx.config.inputs) if ctx.config.data.group_by_length else None
@@ -261,7 +275,7 @@ def _train_loader(train: Dataset, batch_size: int, seed: int,
     """One process: shuffled batches (of similar lengths with `padding`). Under torchrun: each
     rank a shard of each epoch, with `batch_size` the global batch (split across ranks), so
     steps per epoch stay the same; padding is still cut, batches are not grouped."""
-    lengths = None if padding is None or dist.active() else padding.lengths(train)
+    lengths = None if padding is None or dist.active() else sample_lengths(padding, train)
     train = Indexed(train)
     if lengths is not None:
         gen = torch.Generator()

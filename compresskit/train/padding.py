@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Sampler
 
 MASK_NAME = "attention_mask"
 POOL = 50
@@ -46,18 +46,6 @@ class Padding:
         mask = torch.as_tensor(x[self.mask])
         positions = torch.arange(1, mask.shape[-1] + 1)
         return (mask.ne(0) * positions).amax(dim=-1)
-
-    def lengths(self, ds: Dataset, batch_size: int = 1024) -> np.ndarray:
-        from compresskit.train.loop import unpack
-
-        n = len(ds)  # type: ignore[arg-type]
-        out = np.empty(n, dtype=np.int64)
-        for start in range(0, n, batch_size):
-            stop = min(n, start + batch_size)
-            masks = torch.stack([torch.as_tensor(unpack(ds[i])[0][self.mask])
-                                 for i in range(start, stop)])
-            out[start:stop] = self.length({self.mask: masks}).numpy()
-        return out
 
     def trim(self, x: Any) -> Any:
         """The batch without the padding columns past its longest sample (at least one)."""
