@@ -317,13 +317,15 @@ def text(tokenizer: str, path: str | None = None, python: str | None = None,
     known = set(found)
     for name, spec in (held_out or {}).items():
         is_file = ":" not in spec  # 'module:attr' or 'file.py:attr'; else a text file
-        other = [s for s in _text_of(spec if is_file else None, None if is_file else spec,
-                                     min_chars, max_chars, base_dir, f"held_out '{name}'")
-                 if s not in known]
-        if len(other) < 10:
-            raise ValueError(f"held_out '{name}' has only {len(other)} sentences not in the "
+        other = _text_of(spec if is_file else None, None if is_file else spec, min_chars,
+                         max_chars, base_dir, f"held_out '{name}'")
+        # Drawn in a seeded order, skipping sentences of the training text: another training
+        # text changes the set only where the two overlap.
+        order = np.random.default_rng(seed).permutation(len(other))
+        pick = sorted([int(i) for i in order if other[i] not in known][:held_out_limit])
+        if len(pick) < 10:
+            raise ValueError(f"held_out '{name}' has only {len(pick)} sentences not in the "
                              "training text; it needs at least 10")
-        pick = np.sort(np.random.default_rng(seed).permutation(len(other))[:held_out_limit])
         texts = [other[i] for i in pick]
         extra[name] = _splits(encode(texts), None, 0.0, 0.0, seed, whole=True)["train"]
         out[f"texts:{name}"] = texts
