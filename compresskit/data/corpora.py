@@ -71,7 +71,7 @@ def python_docs() -> list[str]:
 
 def training_text(per_package: int = 300) -> list[str]:
     """The MiniLM example's training text: `python_docs`, and the sentences of running prose
-    (see `prose`) in `package_docstrings`: about 32,000 sentences, on more subjects than the
+    (see `prose`) in `package_docstrings`: about 34,000 sentences, on more subjects than the
     standard library's alone."""
     from compresskit.data.sources import sentences
 

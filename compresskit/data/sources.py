@@ -105,19 +105,15 @@ def _split_indices(n: int, val_fraction: float, test_fraction: float, seed: int,
     return out  # type: ignore[return-value]
 
 
-def _splits(arrays: list[Any], labels: Any, val_fraction: float, test_fraction: float,
-            seed: int, stratify: bool = True, whole: bool = False) -> dict[str, Any]:
-    """TensorDatasets of (inputs..., label) per split; bare inputs when labels is None. Several
-    input arrays make samples ((x1, x2, ...), label)."""
-    import numpy as np
+def _dataset(arrays: list[Any], labels: Any, index: Any) -> Dataset:
+    """The samples at `index` of the arrays (and labels), as a map-style Dataset of
+    (inputs..., label), or of bare inputs when labels is None. Several input arrays make
+    samples ((x1, x2, ...), label)."""
     import torch
     from torch.utils.data import Dataset
 
-    parts = (np.arange(len(arrays[0])), None, np.arange(0)) if whole else _split_indices(
-        len(arrays[0]), val_fraction, test_fraction, seed, labels if stratify else None)
-
     class Arrays(Dataset):
-        def __init__(self, index: Any):
+        def __init__(self) -> None:
             self.xs = [torch.as_tensor(a[index]) for a in arrays]
             self.y = None if labels is None else torch.as_tensor(labels[index]).long()
 
@@ -128,11 +124,17 @@ def _splits(arrays: list[Any], labels: Any, val_fraction: float, test_fraction: 
             x = self.xs[0][i] if len(self.xs) == 1 else tuple(v[i] for v in self.xs)
             return (x,) if self.y is None else (x, self.y[i])
 
-    out = {"train": Arrays(parts[0])}
-    if parts[1] is not None:
-        out["val"] = Arrays(parts[1])
+    return Arrays()
+
+
+def _splits(arrays: list[Any], labels: Any, val_fraction: float, test_fraction: float,
+            seed: int, stratify: bool = True) -> dict[str, Any]:
+    """`_dataset`s of the train, val and (when not empty) test parts of a seeded split."""
+    parts = _split_indices(len(arrays[0]), val_fraction, test_fraction, seed,
+                           labels if stratify else None)
+    out = {"train": _dataset(arrays, labels, parts[0]), "val": _dataset(arrays, labels, parts[1])}
     if len(parts[2]):
-        out["test"] = Arrays(parts[2])
+        out["test"] = _dataset(arrays, labels, parts[2])
     return out
 
 
@@ -292,9 +294,9 @@ def text(tokenizer: str, path: str | None = None, python: str | None = None,
     compresskit.data.corpora:python_docs).
 
     `held_out` names more evaluation sets from other text ({name: 'module:attr', or a file of
-    one sentence per line}),
-    `held_out_limit` sentences each, drawn with the seed; a sentence also in the training text is
-    left out of them. Every benchmark measures each artifact on them beside the test split."""
+    one sentence per line}), `held_out_limit` sentences each, drawn with the seed; a sentence
+    also in the training text is left out of them. Every benchmark measures each artifact on
+    them beside the test split."""
     import numpy as np
 
     from compresskit.models import hf
@@ -327,7 +329,7 @@ def text(tokenizer: str, path: str | None = None, python: str | None = None,
             raise ValueError(f"held_out '{name}' has only {len(pick)} sentences not in the "
                              "training text; it needs at least 10")
         texts = [other[i] for i in pick]
-        extra[name] = _splits(encode(texts), None, 0.0, 0.0, seed, whole=True)["train"]
+        extra[name] = _dataset(encode(texts), None, slice(None))
         out[f"texts:{name}"] = texts
     if extra:
         out["held_out"] = extra

