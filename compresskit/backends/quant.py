@@ -796,10 +796,14 @@ def keep_float(source: Path, out: Path, layers: Iterable[str]) -> None:
     """A copy of a QDQ file in which `layers` (ids from `integer_layers`) run in float: each
     reads the float tensor its activation quantizer was given, and float weights and biases
     (the dequantized values, so a QAT layer keeps the weights it was trained with). Nothing
-    else changes: the next layer still reads its quantized input."""
+    else changes: the next layer still reads its quantized input, except where `close_qdq`
+    quantized a conv's output only so that the conv could run as integer code and no layer
+    reads that quantized tensor: that frame goes with its conv (a ViT's patch embedding
+    feeds the residual stream, whose 8-bit copy cost its accuracy)."""
     model = onnx.load(str(source))
     consts = _const_arrays(model)
     producers = {o: n for n in model.graph.node for o in n.output}
+    consumers = _consumers(model)
     wanted = set(layers)
     folded: dict[str, str] = {}
     clipped: dict[str, str] = {}
@@ -807,6 +811,7 @@ def keep_float(source: Path, out: Path, layers: Iterable[str]) -> None:
     for node in model.graph.node:
         if layer_id(node) not in wanted:
             continue
+        _drop_output_frame(model, node, consumers)
         for i, name in enumerate(node.input):
             p = producers.get(name)
             perm = None
@@ -833,6 +838,25 @@ def keep_float(source: Path, out: Path, layers: Iterable[str]) -> None:
     _insert_after(model, added)  # each Clip right after the tensor it clips
     _drop_dead(model)
     onnx.save(model, str(out))
+
+
+def _drop_output_frame(model: onnx.ModelProto, node: onnx.NodeProto,
+                       consumers: dict[str, list[onnx.NodeProto]]) -> None:
+    """Take out the Q/DQ pair `close_qdq` put after `node`'s output (tensor t written as
+    t_cfloat), when no weighted layer reads t: then it quantized the output only for `node`."""
+    src = node.output[0]
+    if not src.endswith("_cfloat") or len(consumers[src]) != 1:
+        return
+    q = consumers[src][0]
+    dqs = consumers[q.output[0]] if q.op_type == "QuantizeLinear" else []
+    if len(dqs) != 1 or dqs[0].op_type != "DequantizeLinear":
+        return
+    t = dqs[0].output[0]
+    if any(u.op_type in WEIGHTED_OPS for u in consumers[t]):
+        return
+    node.output[0] = t
+    model.graph.node.remove(q)
+    model.graph.node.remove(dqs[0])
 
 
 def _clip_like(model: onnx.ModelProto, consts: dict[str, np.ndarray], q: onnx.NodeProto,

@@ -210,10 +210,10 @@ def hold_drop(ctx: StageContext, cfg: Int8Options, staged: Path, fp32: Path, fp3
         shutil.rmtree(work, ignore_errors=True)
         raise StageError(ctx.name, (
             f"the INT8 file loses {before:.2f} points of {quality.LABELS[metric]} (max_drop "
-            f"{cfg.max_drop}); with {len(kept)} layer(s) kept in float it still loses "
-            f"{now:.2f} and the coverage floor (min_int8_coverage {cfg.min_int8_coverage}) "
-            "allows no more; raise max_drop, lower min_int8_coverage, or train longer; "
-            "nothing was written"))
+            f"{cfg.max_drop}); with {len(kept)} layer(s) kept in float "
+            f"({', '.join(kept) or 'none'}) it still loses {now:.2f} and the coverage floor "
+            f"(min_int8_coverage {cfg.min_int8_coverage}) allows no more; raise max_drop, "
+            "lower min_int8_coverage, or train longer; nothing was written"))
     quant.keep_float(staged, trial, kept)
     timed = profile.latency({"all_int8": staged, "kept_float": trial}, x, 100)["p50_ms"]
     shutil.move(str(trial), str(staged))

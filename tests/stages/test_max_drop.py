@@ -3,6 +3,7 @@ float versions regain most per measured millisecond are kept in float until the 
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -134,3 +135,65 @@ def test_keep_float_runs_the_layer_on_the_float_tensor(tmp_path):
     err_float, err_int8 = (np.abs(outputs(p) - want).mean() for p in (floated, int8))
     assert err_float < err_int8, (err_float, err_int8)
     assert np.abs(outputs(floated) - want).max() < 0.05 * np.abs(want).max()
+
+
+def _patch_embedding(path: Path, second_conv: bool, quantized_input: bool = True) -> None:
+    """x -> Q/DQ -> Conv (int8 weights) -> Add (a position table) [-> Conv]: a ViT's patch
+    embedding, whose output NNCF leaves unquantized; `close_qdq` adds the output frame."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(a, n) for n, a in [
+        ("w_q", rng.integers(-127, 128, (8, 3, 4, 4), dtype=np.int8)),
+        ("w_s", np.full(8, 0.01, np.float32)), ("w_z", np.zeros(8, np.int8)),
+        ("x_s", np.array(1 / 255, np.float32)), ("x_z", np.array(0, np.uint8)),
+        ("pos", rng.normal(size=(1, 8, 2, 2)).astype(np.float32))]]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "x_s", "x_z"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "x_s", "x_z"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_z"], ["w"], axis=0),
+             helper.make_node("Conv", ["xd" if quantized_input else "x", "w"], ["patches"],
+                              strides=[4, 4], name="patch"),
+             helper.make_node("Add", ["patches", "pos"], ["y"])]
+    if second_conv:  # a conv that reads the patch conv's output: its quantizer must stay
+        inits.append(numpy_helper.from_array(
+            rng.integers(-127, 128, (4, 8, 1, 1), dtype=np.int8), "v_q"))
+        inits += [numpy_helper.from_array(np.full(4, 0.01, np.float32), "v_s"),
+                  numpy_helper.from_array(np.zeros(4, np.int8), "v_z")]
+        nodes += [helper.make_node("DequantizeLinear", ["v_q", "v_s", "v_z"], ["v"], axis=0),
+                  helper.make_node("Conv", ["patches", "v"], ["z"], name="mix")]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    if second_conv:
+        outputs.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "patch", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, [None, 3, 8, 8])], outputs, inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def test_a_conv_kept_float_takes_the_output_quantizer_added_for_it(tmp_path):
+    """close_qdq quantizes a patch conv's output only so the conv can run as integer code; kept
+    in float, the conv writes its float output again (that 8-bit copy of a ViT's residual
+    stream cost its accuracy). Where another layer reads the quantized output, it stays."""
+    x = np.random.default_rng(1).uniform(0, 1, (16, 3, 8, 8)).astype(np.float32)
+
+    def outputs(path: Path) -> list[np.ndarray]:
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+            None, {"x": x})
+
+    for second in (False, True):
+        src, closed, floated = (tmp_path / f"{n}{second}.onnx" for n in ("src", "closed", "f"))
+        _patch_embedding(src, second)
+        shutil.copyfile(src, closed)
+        assert "Conv patch output" in quant.close_qdq(closed, [x])
+        conv = [layer for layer in quant.integer_layers(closed) if "patch" in layer]
+        assert conv, quant.integer_layers(closed)
+        quant.keep_float(closed, floated, conv)
+        graph = onnx.load(str(floated)).graph
+        quantized = {n.input[0] for n in graph.node if n.op_type == "QuantizeLinear"}
+        patch = next(n for n in graph.node if n.name == "patch")
+        assert (patch.output[0] in quantized) == second
+        if not second:  # exactly the float conv on the float input: no rounding left
+            want = tmp_path / "want.onnx"
+            _patch_embedding(want, second, quantized_input=False)
+            np.testing.assert_allclose(outputs(floated)[0], outputs(want)[0], rtol=1e-5,
+                                       atol=1e-5)
+            assert not np.allclose(outputs(closed)[0], outputs(want)[0], atol=1e-3)
