@@ -87,7 +87,44 @@ BUDGETS = ("target_latency", "latency_ms", "target_size")
 """prune's budgets measured on the exported model, not counted on the torch one."""
 
 
-class PruneConfig(CompressOptions):
+class MeasuredBudget(CompressOptions):
+    """A budget measured on the exported model on `target` instead of a ratio (prune and
+    lowrank): a latency table of each cut alone, the plan with the least predicted KD loss
+    that meets it, then the result timed, interleaved, to check (stages/_budget.py)."""
+
+    target_latency: float | None = Field(
+        None, gt=0, lt=1,
+        description=(
+            "Compress until the model's batch-1 latency on `target` (one thread) is this "
+            "fraction of the stage input's, measured there: per-group cuts chosen from a "
+            "latency table and the KD loss of each cut, then checked by timing the result."
+        ),
+    )
+    latency_ms: float | None = Field(
+        None, gt=0,
+        description="The same with an absolute budget: batch-1 milliseconds on `target`.",
+    )
+    target_size: int | None = Field(
+        None, gt=0,
+        description="The same with a size budget: bytes of the FP32 ONNX file.",
+    )
+    target: str | None = Field(
+        None,
+        description=(
+            "The device the model is compressed for, where budgets are timed (a remote one "
+            "through its ssh or command) and whose kernels choose prune's round_to: a "
+            "built-in target or one under targets:. Unset: the first target of the "
+            "pipeline's benchmark stage, else cpu."
+        ),
+    )
+
+    def budget(self) -> tuple[str, float] | None:
+        """(key, value) of the measured budget asked for, or None."""
+        return next(((k, getattr(self, k)) for k in BUDGETS if getattr(self, k) is not None),
+                    None)
+
+
+class PruneConfig(MeasuredBudget):
     """Structured pruning with torch-pruning's dependency graph: whole channels, filters, neurons
     and attention heads are removed, so residual adds, concatenations, depthwise convolutions and
     normalisation layers stay consistent. The first and last layers are kept whole."""
@@ -106,22 +143,6 @@ class PruneConfig(CompressOptions):
     target_params: float | None = Field(
         None, gt=0, lt=1,
         description="Prune until the model keeps this fraction of its parameters.",
-    )
-    target_latency: float | None = Field(
-        None, gt=0, lt=1,
-        description=(
-            "Prune until the model's batch-1 latency on `target` (one thread) is this fraction "
-            "of the stage input's, measured there: per-group ratios chosen from a latency table "
-            "and the KD loss of each cut, then checked by timing the result."
-        ),
-    )
-    latency_ms: float | None = Field(
-        None, gt=0,
-        description="The same with an absolute budget: batch-1 milliseconds on `target`.",
-    )
-    target_size: int | None = Field(
-        None, gt=0,
-        description="The same with a size budget: bytes of the FP32 ONNX file.",
     )
     importance: Literal["l1", "l2", "taylor", "lamp", "bn_scale", "fpgm"] = Field(
         "l2",
@@ -150,14 +171,6 @@ class PruneConfig(CompressOptions):
             "Keep channel counts multiples of N. Unset: the channel block of the kernels "
             "onnxruntime runs on `target` (16 with AVX-512, 8 with AVX2, on CUDA and on Arm), "
             "read from its CPU's flags; 1 turns rounding off."
-        ),
-    )
-    target: str | None = Field(
-        None,
-        description=(
-            "The device the model is pruned for, whose kernels choose round_to: a built-in "
-            "target or one under targets:. Unset: the first target of the pipeline's "
-            "benchmark stage, else cpu."
         ),
     )
     heads: bool = Field(
@@ -199,7 +212,7 @@ class PruneConfig(CompressOptions):
         return []
 
 
-class LowRankConfig(CompressOptions):
+class LowRankConfig(MeasuredBudget):
     """Truncated-SVD factorisation: a Linear becomes two of rank r; a k x k Conv2d becomes a k x k
     convolution with r output channels followed by a 1 x 1 convolution. Grouped and depthwise
     convolutions are left alone."""
@@ -238,8 +251,10 @@ class LowRankConfig(CompressOptions):
     )
 
     def problems(self, pipeline: Any) -> list[tuple[tuple[Any, ...], str]]:
-        if self.energy is not None and self.rank_ratio is not None:
-            return [((), "give 'energy' or 'rank_ratio', not both")]
+        given = [k for k in ("energy", "rank_ratio", *BUDGETS) if getattr(self, k) is not None]
+        if len(given) > 1:
+            return [((), "give one of 'energy', 'rank_ratio', 'target_latency', 'latency_ms' "
+                         f"and 'target_size', not several (got {', '.join(given)})")]
         return []
 
 

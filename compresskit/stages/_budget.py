@@ -1,7 +1,8 @@
-"""Pruning to a budget measured on the target (prune's `target_latency`, `latency_ms` and
-`target_size`): NetAdapt's idea (Yang et al. 2018), adapted.
+"""Compressing to a budget measured on the target (prune's and lowrank's `target_latency`,
+`latency_ms` and `target_size`): NetAdapt's idea (Yang et al. 2018), adapted.
 
-Per step: every prunable group is pruned alone at a few ratios; each copy is exported and timed
+Per step: every prunable group is pruned alone at a few ratios (lowrank: every layer factorised
+alone at a few ranks); each copy is exported and timed
 on the target, interleaved with the model as it is and the stage's input (a latency table, in
 fractions of the input's time), its FP32 file weighed, and its outputs on a few hundred training
 samples compared with the unpruned model's (the KD loss at the stage's temperature: how much
@@ -21,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -32,10 +32,11 @@ from compresskit.engine.context import StageContext
 from compresskit.errors import StageError
 from compresskit.measure.targets import Target
 from compresskit.models import inputs
-from compresskit.ops.latency import median_ratio
 
 LEVELS = (0.25, 0.5, 0.75)
 """Share of a group's channels removed in the table (then rounded by round_to)."""
+RANK_LEVELS = (0.5, 0.25, 0.125)
+"""lowrank's table: share of a layer's MACs its factorised pair keeps."""
 SAMPLES = 256
 """Training samples whose outputs score each cut."""
 TOLERANCE = 0.05
@@ -57,14 +58,26 @@ def steps_for(fraction: float) -> int:
     return 1 if fraction >= 0.4 else 2 if fraction >= 0.16 else 3
 
 
-class BudgetPruner:
-    """One prune stage's way to a latency or size budget; `run` leaves the model in job.model."""
+class BudgetSearch:
+    """One stage's way to a latency or size budget; `run` leaves the model in job.model. What
+    a cut is comes from the subclass: `groups` of a model, each cut at `levels`, and `apply`."""
 
-    def __init__(self, job: Any, cfg: Any, ctx: StageContext, args: dict[str, Any],
-                 target: Target, recover: Any):
+    levels: tuple[float, ...] = LEVELS
+    nothing_to_cut = "nothing in this model can be cut on its own"
+    deep_steps = True
+    """Whether budgets below 0.4x take two or three steps with recovery between them."""
+
+    def __init__(self, job: Any, cfg: Any, ctx: StageContext, target: Target, recover: Any):
         self.job, self.cfg, self.ctx, self.target, self.recover = job, cfg, ctx, target, recover
-        self.args = {**args, "global_ranking": False}
+        if target.remote is None and cfg.target_size is None:  # before any work: can it time?
+            ok, why = ort_backend.available(target)
+            if not ok:
+                raise StageError(ctx.name, (
+                    f"the budget is measured on target '{target.name}', which this machine "
+                    f"cannot run: {why}; give the stage a target it can run ('target: cpu'), "
+                    "or a remote one"))
         self.kind = "bytes" if cfg.target_size is not None else "latency"
+        self.device: dict[str, Any] | None = None  # what a remote target says it is
         self.work = ctx.work_dir / "budget"
         self.work.mkdir(parents=True, exist_ok=True)
         self.example = job.example
@@ -97,13 +110,13 @@ class BudgetPruner:
 
     def _times(self, paths: dict[str, Path], reference: Path) -> dict[str, float]:
         """Each file's latency as a fraction of `reference`'s, timed interleaved with it on the
-        target (batch 1, one thread): the median of paired ratios."""
-        sessions = {k: ort_backend.session(p, self.target, threads=1)
-                    for k, p in {"__reference": reference, **paths}.items()}
-        times = ort_backend.time_interleaved(sessions, inputs.take(self.job.x, slice(0, 1)),
-                                             self.cfg.latency_runs,
-                                             warmup=max(5, self.cfg.latency_runs // 10))
-        return {k: 1.0 / median_ratio(times["__reference"], times[k]) for k in paths}
+        target (batch 1, one thread), on its device when it is remote: the median of paired
+        ratios."""
+        rows = measure_on(self.ctx, self.target, {"__reference": reference, **paths},
+                          self.job.x, self.cfg.latency_runs, self.work / "timing")
+        self.device = rows[0].get("device") or self.device
+        speed = {r["artifact"]: r["speedup"] for r in rows}
+        return {k: 1.0 / speed[k] for k in paths}
 
     def _cost(self, paths: dict[str, Path], reference: Path) -> dict[str, float]:
         if self.kind == "bytes":
@@ -111,27 +124,23 @@ class BudgetPruner:
         return self._times(paths, reference)
 
     # -- the plan ---------------------------------------------------------------------------
-    def _pruned(self, model: nn.Module, ratios: dict[str, float]) -> nn.Module | None:
-        trial = copy.deepcopy(model)
-        try:
-            pruner = pruning.make_pruner(trial, self.example, ratio=0.0, steps=1,
-                                         ratios=ratios, **self.args)
-            pruning.step(pruner, trial)
-            with torch.no_grad():
-                inputs.call(trial.eval(), self.example)
-        except Exception:  # a cut torch-pruning cannot make on this model: not an option
-            return None
-        return trial
+    def groups(self, model: nn.Module) -> list[str]:
+        raise NotImplementedError
+
+    def apply(self, model: nn.Module, plan: dict[str, float]) -> nn.Module | None:
+        """A copy of `model` with `plan` (group -> level) applied, or None when that cut
+        cannot be made or breaks the forward pass."""
+        raise NotImplementedError
 
     def _table(self, model: nn.Module, current: Path, reference: Path,
                step: int) -> list[Entry]:
-        roots = pruning.group_roots(model, self.example, **self.args)
+        roots = self.groups(model)
         base = self._outputs(model)
         files: dict[str, Path] = {}
         damage: dict[str, float] = {}
         for i, root in enumerate(roots):
-            for level in LEVELS:
-                trial = self._pruned(model, {root: level})
+            for level in self.levels:
+                trial = self.apply(model, {root: level})
                 if trial is None:
                     continue
                 key = f"{root}@{level}"
@@ -192,12 +201,44 @@ class BudgetPruner:
         return plan, saved
 
     # -- the stage --------------------------------------------------------------------------
+    largest_cut = "the largest cuts the table holds"
+
+    def reach(self, key: str, amount: float, name: str) -> dict[str, Any]:
+        """Compress job.model to the budget `key: amount` on target `name`; what the report
+        shows."""
+        if key == "target_size":
+            reference_cost = float(self.export(self.job.model, "size").stat().st_size)
+            goal = amount
+        else:
+            reference_cost, goal = 1.0, amount
+            if key == "latency_ms":
+                ms = reference_latency_ms(self.ctx, self.export(self.job.model, "ms"),
+                                          self.target, self.job.x, self.cfg.latency_runs,
+                                          self.work / "timing")
+                goal = amount / ms
+                self.ctx.log(f"latency_ms {amount}: the input runs in {ms:.3f} ms on {name}, "
+                             f"so {goal:.3f}x of it")
+        budget: dict[str, Any] = {"key": key, "requested": amount, "target": name}
+        if goal >= reference_cost:
+            self.ctx.log(f"{key} {amount}: the model already meets it; left as it is")
+            budget.update(measured=reference_cost, met=True, steps=[])
+            return budget
+        budget.update(self.run(goal, reference_cost))
+        if self.device:
+            budget["device"] = self.device
+        if not budget["met"]:
+            self.ctx.log(f"[yellow]warning:[/yellow] {key} {amount} was not met: the closest "
+                         f"model measures {self._show(budget['measured'])} against the goal's "
+                         f"{self._show(goal)}; {self.largest_cut} cannot go further, or the "
+                         "target's timing moved")
+        return budget
+
     def run(self, goal: float, reference_cost: float) -> dict[str, Any]:
         """Prune job.model to `goal` (a fraction of the input's latency, or bytes; the input
         costs `reference_cost`: 1.0, or its bytes), in steps with recovery; returns what the
         report shows."""
         reference = self.export(self.job.model, "input")
-        steps = steps_for(goal / reference_cost)
+        steps = steps_for(goal / reference_cost) if self.deep_steps else 1
         records = []
         current_cost = reference_cost
         for step in range(1, steps + 1):
@@ -206,20 +247,17 @@ class BudgetPruner:
             current = self.export(model, f"s{step}.current")
             entries = self._table(model, current, reference, step)
             if not entries:
-                raise StageError(self.ctx.name, "no group of this model can be pruned on its "
-                                 "own (torch-pruning found none, or every cut broke the "
-                                 "forward pass); a budget needs prunable groups")
+                raise StageError(self.ctx.name, self.nothing_to_cut)
             need = current_cost - step_goal
             tried: list[tuple[float, float]] = []  # (saving asked of the table, measured)
             best: dict[str, Any] | None = None
             rounds = 0
             for _ in range(ROUNDS):
                 plan, predicted = self.solve(entries, need)
-                trial = self._pruned(model, plan) if plan else copy.deepcopy(model)
+                trial = self.apply(model, plan) if plan else copy.deepcopy(model)
                 if trial is None:  # the groups together break what each alone did not
                     raise StageError(self.ctx.name, "the planned cuts, each fine alone, break "
-                                     "the forward pass together; add the groups' layers to "
-                                     "'ignore'")
+                                     "the forward pass together; add the layers to 'ignore'")
                 measured = self._cost({"trial": self.export(trial, f"s{step}.trial")},
                                       reference)["trial"]
                 rounds += 1
@@ -275,11 +313,67 @@ def _next_need(tried: list[tuple[float, float]], wanted: float) -> float:
     return asked * wanted / measured if measured > 0 else asked * 2
 
 
-def reference_latency_ms(path: Path, target: Target, x: Any, runs: int) -> float:
+def stage_target(cfg: Any, ctx: StageContext) -> str:
+    """The stage's target: as given, else the benchmark stage's first, else cpu."""
+    from compresskit.config import BenchmarkConfig
+
+    return cfg.target or next((s.targets[0] for s in ctx.config.stages
+                               if isinstance(s, BenchmarkConfig)), "cpu")
+
+
+def measure_on(ctx: StageContext, target: Target, files: dict[str, Path], x: Any, runs: int,
+               work: Path) -> list[dict[str, Any]]:
+    """`files` timed interleaved at batch 1 on one thread on `target`, through the benchmark's
+    own protocol (measure/bench.py), so a remote device or CUDA is timed where it is; a target
+    that cannot measure is a StageError."""
+    from compresskit.backends import remote
+    from compresskit.measure import bench
+
+    one = inputs.take(x, slice(0, 1))
+    settings = bench.Settings(batch_sizes=(1,), threads=1, runs=runs,
+                              warmup=max(5, runs // 10), memory=False)
+
+    def feeds(sess: Any, bs: int) -> Any:
+        return inputs.feeds(ort_backend.input_names(sess), ort_backend.batch_of(one, bs))
+
+    try:
+        return bench.measure(files, target, settings, feeds, work)
+    except (ort_backend.TargetUnavailable, remote.RemoteError) as e:
+        raise StageError(ctx.name, (
+            f"the budget is measured on target '{target.name}', which cannot measure now: {e}; "
+            "fix the target, or give the stage another 'target'")) from None
+
+
+def reference_latency_ms(ctx: StageContext, path: Path, target: Target, x: Any, runs: int,
+                         work: Path) -> float:
     """The stage input's batch-1 latency on the target, one thread (for latency_ms)."""
-    sess = ort_backend.session(path, target, threads=1)
-    times = ort_backend.time_interleaved({"m": sess}, inputs.take(x, slice(0, 1)), runs,
-                                         warmup=max(5, runs // 10))["m"]
-    return float(np.median(times))
+    return float(measure_on(ctx, target, {"input": path}, x, runs, work)[0]["latency_ms"]["p50"])
 
 
+class BudgetPruner(BudgetSearch):
+    """prune's budgets: torch-pruning's groups, each cut at LEVELS of its channels."""
+
+    largest_cut = "the largest cuts the table holds (75% of a group)"
+    nothing_to_cut = ("no group of this model can be pruned on its own (torch-pruning found "
+                      "none, or every cut broke the forward pass); a budget needs prunable "
+                      "groups")
+
+    def __init__(self, job: Any, cfg: Any, ctx: StageContext, args: dict[str, Any],
+                 target: Target, recover: Any):
+        super().__init__(job, cfg, ctx, target, recover)
+        self.args = {**args, "global_ranking": False}
+
+    def groups(self, model: nn.Module) -> list[str]:
+        return pruning.group_roots(model, self.example, **self.args)
+
+    def apply(self, model: nn.Module, plan: dict[str, float]) -> nn.Module | None:
+        trial = copy.deepcopy(model)
+        try:
+            pruner = pruning.make_pruner(trial, self.example, ratio=0.0, steps=1,
+                                         ratios=plan, **self.args)
+            pruning.step(pruner, trial)
+            with torch.no_grad():
+                inputs.call(trial.eval(), self.example)
+        except Exception:  # a cut torch-pruning cannot make on this model: not an option
+            return None
+        return trial

@@ -4,6 +4,11 @@ Per layer the rank comes from `energy` or `rank_ratio` (optionally rounded up to
 layer is replaced only when the factorisation cuts its MACs by at least `min_reduction` and, with
 `keep_if_slower`, when onnxruntime runs the factorised pair faster than the whole layer on the
 input it gets in the model (rank 0 times; under torchrun the other ranks take its decision).
+
+With a budget (`target_latency`, `latency_ms`, `target_size`) the ranks come from the measured
+table of stages/_budget.py instead: each layer factorised alone to a half, a quarter and an
+eighth of its MACs, the whole model exported and timed on the target; the plan with the least
+predicted KD loss that meets the budget, checked by timing it.
 """
 
 from __future__ import annotations
@@ -19,10 +24,12 @@ from torch import nn
 from compresskit.config import LowRankConfig
 from compresskit.engine import distributed as dist
 from compresskit.engine.context import StageContext, StageResult
+from compresskit.measure.targets import resolve
 from compresskit.models import structure
 from compresskit.models.inputs import call
 from compresskit.ops import lowrank as lr
 from compresskit.ops.latency import fmt_ms
+from compresskit.stages._budget import RANK_LEVELS, BudgetSearch, stage_target
 from compresskit.stages._shrink import Shrink
 
 
@@ -103,10 +110,111 @@ def _forward_error(model: nn.Module, example: Any) -> str:
     return ""
 
 
+def _shape(layer: nn.Module) -> tuple[str, int, int] | None:
+    """(kind, out, fan_in) of a layer lowrank can factorise, else None."""
+    if isinstance(layer, nn.Linear):
+        return "linear", layer.out_features, layer.in_features
+    if isinstance(layer, nn.Conv2d) and layer.groups == 1:
+        return "conv", layer.out_channels, layer.in_channels * math.prod(layer.kernel_size)
+    return None
+
+
+def rank_at(layer: nn.Module, level: float, round_to: int | None) -> int | None:
+    """The rank whose factorised pair keeps `level` of the layer's MACs (rounded up to
+    `round_to`), or None when there is none that saves anything."""
+    shape = _shape(layer)
+    if shape is None:
+        return None
+    _, out, fan_in = shape
+    rank = math.floor(level * out * fan_in / (out + fan_in))
+    if round_to:
+        rank = round_to * math.ceil(rank / round_to)
+    return rank if 1 <= rank and rank * (out + fan_in) < out * fan_in else None
+
+
+def _factorised(layer: nn.Module, rank: int) -> nn.Module:
+    return (lr.factorize_linear(layer, rank) if isinstance(layer, nn.Linear)
+            else lr.factorize_conv(layer, rank))  # type: ignore[arg-type]
+
+
+class BudgetFactoriser(BudgetSearch):
+    """lowrank's budgets: each layer factorised at RANK_LEVELS of its MACs, in one step."""
+
+    levels = RANK_LEVELS
+    deep_steps = False  # a factorised pair is not factorised again
+    largest_cut = "factorising every layer to an eighth of its MACs"
+    nothing_to_cut = ("no layer of this model can be factorised on its own (no Linear or "
+                      "ungrouped Conv2d outside 'ignore' and 'layers', or every one broke the "
+                      "forward pass); a budget needs layers to factorise")
+
+    def __init__(self, job: Shrink, cfg: LowRankConfig, ctx: StageContext, name: str,
+                 ignored: set[str]):
+        self.ignored, self.lowrank = ignored, cfg
+        super().__init__(job, cfg, ctx, resolve(name, ctx.config.targets), self._recover)
+        self.loss: float | None = None
+
+    def _recover(self, step: int, steps: int) -> None:
+        self.job.check_forward()
+        self.loss = self.job.recover(self.lowrank.recover, "")
+
+    def groups(self, model: nn.Module) -> list[str]:
+        return [name for name, layer in model.named_modules()
+                if name not in self.ignored and (shape := _shape(layer)) is not None
+                and shape[0] in self.lowrank.layers
+                and rank_at(layer, max(self.levels), self.lowrank.round_to) is not None]
+
+    def ranks(self, model: nn.Module, plan: dict[str, float]) -> dict[str, tuple[str, int]]:
+        """(kind, rank) of each layer in `plan`, on the model before factorising."""
+        modules = dict(model.named_modules())
+        out = {}
+        for name, level in plan.items():
+            rank = rank_at(modules[name], level, self.lowrank.round_to)
+            shape = _shape(modules[name])
+            if rank is not None and shape is not None:
+                out[name] = (shape[0], rank)
+        return out
+
+    def apply(self, model: nn.Module, plan: dict[str, float]) -> nn.Module | None:
+        ranks = self.ranks(model, plan)
+        if len(ranks) < len(plan):
+            return None
+        trial = copy.deepcopy(model)
+        for name, (_, rank) in ranks.items():
+            structure.set_module(trial, name, _factorised(structure.get_module(trial, name),
+                                                          rank))
+        return None if _forward_error(trial, self.example) else trial
+
+
+def _to_budget(cfg: LowRankConfig, ctx: StageContext, job: Shrink, ignored: set[str],
+               key: str, amount: float) -> StageResult:
+    name = stage_target(cfg, ctx)
+    before = job.model
+    search = BudgetFactoriser(job, cfg, ctx, name, ignored)
+    budget = search.reach(key, amount, name)
+    plan = budget["steps"][-1]["plan"] if budget["steps"] else {}
+    layers = {}
+    modules = dict(before.named_modules())
+    for layer_name, (kind, rank) in search.ranks(before, plan).items():
+        weight = modules[layer_name].weight
+        s = lr.singular_values(weight)
+        layers[layer_name] = {"kind": kind, "rank": rank,
+                              "full_rank": min(weight.shape[0], weight[0].numel()),
+                              "weight_error": round(lr.tail_norm(s, rank)
+                                                    / max(float(s.norm()), 1e-30), 4)}
+        ctx.log(f"{layer_name}: {kind} rank {rank} of {layers[layer_name]['full_rank']}")
+    edit = structure.lowrank_edit({k: {"kind": v["kind"], "rank": v["rank"]}
+                                   for k, v in layers.items()})
+    return job.finish(edit, {"factorized": layers, "kept": {}, "budget": budget,
+                             "recovery_loss": search.loss})
+
+
 def run(cfg: LowRankConfig, ctx: StageContext) -> StageResult:
     job = Shrink(cfg, ctx)
     model = job.model
     ignored = set(job.ignored([]))
+    asked = cfg.budget()
+    if asked is not None:
+        return _to_budget(cfg, ctx, job, ignored, *asked)
     layers: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
     chosen: dict[str, tuple[nn.Linear | nn.Conv2d, nn.Module, str, int, float]] = {}

@@ -14,14 +14,14 @@ import torch
 from torch import nn
 
 from compresskit.backends import pruning
-from compresskit.config import BenchmarkConfig, PruneConfig
+from compresskit.config import PruneConfig
 from compresskit.config.stages import BUDGETS
 from compresskit.engine.context import StageContext, StageResult
 from compresskit.errors import StageError
 from compresskit.measure.targets import channel_block, resolve
 from compresskit.models import structure
 from compresskit.models.inputs import as_tensors, call
-from compresskit.stages._budget import LEVELS, BudgetPruner, reference_latency_ms
+from compresskit.stages._budget import LEVELS, BudgetPruner, stage_target
 from compresskit.stages._shrink import Shrink, first_and_last
 
 
@@ -51,12 +51,6 @@ def _empty_layers(model: nn.Module) -> list[str]:
     return out
 
 
-def _target_name(cfg: PruneConfig, ctx: StageContext) -> str:
-    """The stage's target: as given, else the benchmark stage's first, else cpu."""
-    return cfg.target or next((s.targets[0] for s in ctx.config.stages
-                               if isinstance(s, BenchmarkConfig)), "cpu")
-
-
 def _round_to(cfg: PruneConfig, ctx: StageContext, model: nn.Module,
               ignored: list[str]) -> tuple[int, str]:
     """The channel multiple to keep: as given, else the channel block of the kernels on the
@@ -66,7 +60,7 @@ def _round_to(cfg: PruneConfig, ctx: StageContext, model: nn.Module,
     4, 8 at 8 and none at 16."""
     if cfg.round_to is not None:
         return cfg.round_to, "given"
-    block, why = channel_block(resolve(_target_name(cfg, ctx), ctx.config.targets))
+    block, why = channel_block(resolve(stage_target(cfg, ctx), ctx.config.targets))
     key, amount = cfg.amount()
     if key == "ratio":
         ratio = amount
@@ -173,14 +167,8 @@ def _to_budget(cfg: PruneConfig, ctx: StageContext, job: Shrink, args: dict[str,
                left_whole: dict[str, str], round_to: int, why: str) -> StageResult:
     """target_latency, latency_ms, target_size: measured on the stage's target (stages/
     _budget.py), in steps with recovery."""
-    name = _target_name(cfg, ctx)
+    name = stage_target(cfg, ctx)
     target = resolve(name, ctx.config.targets)
-    if target.remote is not None or "CPUExecutionProvider" != target.providers[0]:
-        raise StageError(ctx.name, (
-            f"{key} is measured on the stage's target while pruning, and '{name}' is not a "
-            "CPU target of this machine (remote devices and CUDA are not supported for "
-            "budgets yet); set the prune stage's 'target' to cpu or edge, or use "
-            "target_macs"))
     if cfg.importance == "taylor":
         _taylor_gradients(job.model, ctx, cfg.calibration_batches)
     losses: list[float | None] = []
@@ -189,30 +177,7 @@ def _to_budget(cfg: PruneConfig, ctx: StageContext, job: Shrink, args: dict[str,
         job.check_forward()
         losses.append(job.recover(cfg.recover, f".step{step}" if steps > 1 else ""))
 
-    pruner = BudgetPruner(job, cfg, ctx, args, target, recover)
-    if key == "target_size":
-        reference_cost = float(pruner.export(job.model, "size").stat().st_size)
-        goal = amount
-    else:
-        reference_cost = 1.0
-        goal = amount
-        if key == "latency_ms":
-            ms = reference_latency_ms(pruner.export(job.model, "ms"), target, job.x,
-                                      cfg.latency_runs)
-            goal = amount / ms
-            ctx.log(f"latency_ms {amount}: the input runs in {ms:.3f} ms on {name}, so "
-                    f"{goal:.3f}x of it")
-    budget: dict[str, Any] = {"key": key, "requested": amount, "target": name}
-    if goal >= reference_cost:
-        ctx.log(f"{key} {amount}: the model already meets it; left as it is")
-        budget.update(measured=reference_cost, met=True, steps=[])
-    else:
-        budget.update(pruner.run(goal, reference_cost))
-        if not budget["met"]:
-            ctx.log(f"[yellow]warning:[/yellow] {key} {amount} was not met: the closest "
-                    f"pruned model measures {budget['measured']:.3f} of the goal's "
-                    f"{goal:.3f}; the largest cuts the table holds (75% of a group) "
-                    "cannot go further, or the target's timing moved")
+    budget = BudgetPruner(job, cfg, ctx, args, target, recover).reach(key, amount, name)
     edit = structure.reshape_edit(before, structure.snapshot(job.model))
     return job.finish(edit, {"mode": key, "requested": amount, "round_to": round_to,
                              "round_to_from": why, "importance": cfg.importance,

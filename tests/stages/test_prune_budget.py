@@ -72,5 +72,49 @@ def test_a_latency_budget_is_measured_and_its_prediction_error_reported(tmp_path
 def test_budget_errors(tmp_path):
     with pytest.raises(ConfigError, match="not several"):
         run({"target_latency": 0.5, "target_size": 1000}, tmp_path / "a")
-    with pytest.raises(StageError, match="not a CPU target of this machine"):
+    with pytest.raises(StageError, match="target .cuda., which this machine cannot run"):
         run({"target_latency": 0.5, "target": "cuda"}, tmp_path / "b")
+
+
+def lowrank(stage: dict, out: Path, targets: dict | None = None) -> dict:
+    cfg = pipeline("residual", {"ratio": 0.25})
+    cfg["stages"][1] = {"type": "lowrank", "start_from": "teacher", "recover": 1,
+                        "latency_runs": 20, **stage}
+    if targets:
+        cfg["targets"] = targets
+    return api.run(cfg, base_dir=ROOT, output_dir=out, show_progress=False)
+
+
+def test_lowrank_meets_a_size_budget_with_ranks_from_the_table(tmp_path):
+    report = lowrank({"target_size": 17000}, tmp_path / "run")
+    m = report["stages"][1]["metrics"]
+    budget = m["budget"]
+    assert budget["kind"] == "bytes" and budget["met"], budget
+    assert budget["measured"] <= 17000 * 1.1 < m["before"]["onnx_bytes"]
+    assert m["factorized"] and set(m["factorized"]) == set(budget["steps"][0]["plan"])
+    for spec in m["factorized"].values():
+        assert 1 <= spec["rank"] < spec["full_rank"]
+    assert m["after"]["onnx_bytes"] <= 17000 * 1.1
+    # The export stage rebuilt the factorised student from the recorded structure.
+    assert report["stages"][2]["status"] == "done"
+
+
+def test_lowrank_times_a_latency_budget_on_a_remote_device(tmp_path):
+    """A `command:` target (through env: this machine's Python stands for the device) times
+    the table there; the budget records the device it was measured on."""
+    import sys
+
+    board = {"command": "env", "python": sys.executable, "workdir": str(tmp_path / "device")}
+    report = lowrank({"target_latency": 0.7, "target": "board"}, tmp_path / "run",
+                     {"board": board})
+    budget = report["stages"][1]["metrics"]["budget"]
+    assert budget["target"] == "board" and budget["kind"] == "latency"
+    assert budget["device"]["python"] and 0 < budget["measured"] < 1.5
+    assert (tmp_path / "device").is_dir()
+
+
+def test_lowrank_budget_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not several"):
+        lowrank({"target_latency": 0.5, "energy": 0.9}, tmp_path / "a")
+    with pytest.raises(StageError, match="target .cuda., which this machine cannot run"):
+        lowrank({"latency_ms": 0.01, "target": "cuda"}, tmp_path / "b")
