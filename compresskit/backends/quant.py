@@ -396,6 +396,7 @@ def close_qdq(path: Path, batches: list[Any]) -> list[str]:
 
     into: dict[str, list[onnx.NodeProto]] = defaultdict(list)  # tensor -> layers reading it
     after: list[str] = []  # conv outputs
+    to_stream: list[onnx.NodeProto] = []  # convs that write a LayerNorm stream: ConvInteger
     for n in model.graph.node:
         if n.op_type not in WEIGHTED_OPS or len(n.input) < 2 or not dq_of_const(n.input[1]):
             continue
@@ -409,7 +410,10 @@ def close_qdq(path: Path, batches: list[Any]) -> list[str]:
         if users and all(u.op_type == "QuantizeLinear" for u in users):
             continue
         if n.op_type == "Conv":
-            after.append(n.output[0])
+            if _group(n) == 1 and _opens_stream(n.output[0], consumers):
+                to_stream.append(n)
+            else:
+                after.append(n.output[0])
     wanted = list(dict.fromkeys([*after, *into]))
     ranges = _observe(model, wanted, batches) if wanted else {}
     wanted = [t for t in wanted if t in ranges]
@@ -436,6 +440,8 @@ def close_qdq(path: Path, batches: list[Any]) -> list[str]:
                  helper.make_node("DequantizeLinear", [f"{t}_cq", s_name, z_name], [out])]
         inserted_after[src] += nodes
     _insert_after(model, inserted_after)
+    done += [f"{_name(n)} as ConvInteger with a float output" for n in to_stream
+             if _conv_integer(model, n)]
     done += _int32_biases(model)
     if done:
         onnx.save(model, str(path))
@@ -457,6 +463,82 @@ def _insert_after(model: onnx.ModelProto, after: dict[str, list[onnx.NodeProto]]
 
 def _name(node: onnx.NodeProto) -> str:
     return f"{node.op_type} {node.name or node.output[0]}"
+
+
+STREAM_PASS = {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Concat", "Add",
+               "Identity", "Dropout"}
+"""Ops a patch embedding's output passes through on its way to the first LayerNorm."""
+
+
+def _group(node: onnx.NodeProto) -> int:
+    return next((a.i for a in node.attribute if a.name == "group"), 1)
+
+
+def _opens_stream(tensor: str, consumers: dict[str, list[onnx.NodeProto]]) -> bool:
+    """Whether `tensor` reaches a LayerNormalization through shape ops, concatenations and
+    additions only (a patch embedding, its class token and position table), unquantized."""
+    seen, todo = set(), [tensor]
+    while todo:
+        t = todo.pop()
+        for u in consumers.get(t, []):
+            if u.op_type == "LayerNormalization":
+                return True
+            if u.op_type in STREAM_PASS and u.output[0] not in seen:
+                seen.add(u.output[0])
+                todo.append(u.output[0])
+    return False
+
+
+def _conv_integer(model: onnx.ModelProto, conv: onnx.NodeProto) -> bool:
+    """Rewrite DQ(x) -> Conv(DQ(w), b) as ConvInteger(x_q, w_q) -> Cast -> Mul(x_scale *
+    w_scale) [-> Add(b)]: the same integer products, summed in int32 and scaled to float, with
+    no 8-bit rounding of the output. False (and nothing changed) where the conv's inputs are
+    not a uint8 activation and int8 weights behind DequantizeLinear."""
+    from onnx import helper
+
+    consts = _const_arrays(model)
+    producers = {o: n for n in model.graph.node for o in n.output}
+    x_dq, w_dq = producers.get(conv.input[0]), producers.get(conv.input[1])
+    if x_dq is None or w_dq is None or x_dq.op_type != "DequantizeLinear" \
+            or w_dq.op_type != "DequantizeLinear" or w_dq.input[0] not in consts \
+            or any(i not in consts for i in x_dq.input[1:]) or len(x_dq.input) < 3:
+        return False
+    w_q, x_zp = consts[w_dq.input[0]], consts[x_dq.input[2]]
+    if w_q.dtype != np.int8 or x_zp.dtype != np.uint8 or x_zp.size != 1:
+        return False
+    out = w_q.shape[0]
+    w_scale = consts[w_dq.input[1]].astype(np.float32).reshape(-1)
+    w_zp = consts[w_dq.input[2]].reshape(-1) if len(w_dq.input) > 2 and w_dq.input[2] \
+        else np.zeros(1, np.int8)
+    if np.any(w_zp != 0) or w_scale.size not in (1, out):
+        return False
+    x_scale = float(consts[x_dq.input[1]].reshape(-1)[0])
+    base = conv.output[0]
+    scale = (x_scale * w_scale * np.ones(out, np.float32)).reshape(1, out, 1, 1)
+    inits = [numpy_helper.from_array(scale.astype(np.float32), f"{base}_iscale"),
+             numpy_helper.from_array(np.zeros((), np.int8), f"{base}_wzp")]
+    nodes = [helper.make_node("ConvInteger", [x_dq.input[0], w_dq.input[0], x_dq.input[2],
+                                              f"{base}_wzp"], [f"{base}_i32"],
+                              name=f"{conv.name or base}_integer"),
+             helper.make_node("Cast", [f"{base}_i32"], [f"{base}_f"], to=onnx.TensorProto.FLOAT)]
+    nodes[0].attribute.extend(a for a in conv.attribute)
+    bias = consts.get(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else None
+    if len(conv.input) > 2 and conv.input[2] and bias is None:
+        return False  # a bias computed in the graph: leave the conv as it is
+    if bias is None:
+        nodes.append(helper.make_node("Mul", [f"{base}_f", f"{base}_iscale"], [base]))
+    else:
+        inits.append(numpy_helper.from_array(
+            bias.astype(np.float32).reshape(1, out, 1, 1), f"{base}_ibias"))
+        nodes += [helper.make_node("Mul", [f"{base}_f", f"{base}_iscale"], [f"{base}_s"]),
+                  helper.make_node("Add", [f"{base}_s", f"{base}_ibias"], [base])]
+    model.graph.initializer.extend(inits)
+    at = list(model.graph.node).index(conv)
+    model.graph.node.remove(conv)
+    for i, node in enumerate(nodes):
+        model.graph.node.insert(at + i, node)
+    _drop_dead(model)
+    return True
 
 
 def _int32_biases(model: onnx.ModelProto) -> list[str]:

@@ -236,6 +236,16 @@ class OptimOptions(StageBase):
             "interrupted run resumes inside the stage."
         ),
     )
+    bn_recalibration: int = Field(
+        16, ge=0,
+        description=(
+            "After training, re-estimate BatchNorm running statistics for the final weights "
+            "from this many training batches (a plain average, dropout off); 0 keeps the "
+            "moving averages training left. A small BatchNorm momentum (torchvision's "
+            "MobileNetV3: 0.01) or a few recovery steps after pruning leave them far from "
+            "what the layers now compute."
+        ),
+    )
 
     def options(self, epochs: int) -> TrainingOptions:
         """These options for one run of the training loop of `epochs` epochs."""

@@ -141,7 +141,8 @@ TIMED_CANDIDATES = 16
 
 
 def hold_drop(ctx: StageContext, cfg: Int8Options, staged: Path, fp32: Path, fp32_score: float,
-              x: Any, y: np.ndarray, batches: list[Any]) -> dict[str, Any] | None:
+              x: Any, y: np.ndarray, batches: list[Any],
+              trained_score: float | None = None) -> dict[str, Any] | None:
     """`max_drop`: when the INT8 file loses more than `cfg.max_drop` points of the task's
     metric against the FP32 model on the evaluation split, keep layers in float, greedily by
     error regained per measured millisecond, until the drop holds; `staged` is rewritten.
@@ -150,7 +151,9 @@ def hold_drop(ctx: StageContext, cfg: Int8Options, staged: Path, fp32: Path, fp3
     each layer alone in float, its outputs' squared error to the FP32 file's, and its latency
     timed against the all-INT8 file, interleaved. The evaluation split only says when to stop.
     Layers that would take the INT8 coverage under `min_int8_coverage` are passed over; the
-    stage fails when no allowed choice holds the drop."""
+    stage fails when no allowed choice holds the drop. `trained_score`: QAT's model as it
+    trained, fake-quantized in torch; when that alone loses more than the budget, the failure
+    says so (training moved the model, which no layer in float undoes)."""
     if cfg.max_drop is None:
         return None
     from compresskit.models import inputs
@@ -212,8 +215,14 @@ def hold_drop(ctx: StageContext, cfg: Int8Options, staged: Path, fp32: Path, fp3
             f"the INT8 file loses {before:.2f} points of {quality.LABELS[metric]} (max_drop "
             f"{cfg.max_drop}); with {len(kept)} layer(s) kept in float "
             f"({', '.join(kept) or 'none'}) it still loses {now:.2f} and the coverage floor "
-            f"(min_int8_coverage {cfg.min_int8_coverage}) allows no more; raise max_drop, "
-            "lower min_int8_coverage, or train longer; nothing was written"))
+            f"(min_int8_coverage {cfg.min_int8_coverage}) allows no more; "
+            + (f"QAT's model as it trained (fake-quantized in torch) already loses "
+               f"{(fp32_score - trained_score) * 100:.2f}: training moved it, which no layer "
+               "in float undoes; fewer QAT epochs or a smaller lr keep it closer; "
+               if trained_score is not None
+               and (fp32_score - trained_score) * 100 > cfg.max_drop else
+               "raise max_drop, lower min_int8_coverage, or train longer; ")
+            + "nothing was written"))
     quant.keep_float(staged, trial, kept)
     timed = profile.latency({"all_int8": staged, "kept_float": trial}, x, 100)["p50_ms"]
     shutil.move(str(trial), str(staged))

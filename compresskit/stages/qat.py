@@ -109,7 +109,8 @@ def _write(cfg: QatConfig, ctx: StageContext, model: torch.nn.Module, x: Any, y:
     closed = quant.close_qdq(staged, batches)
     method = "qat+kd" if cfg.distill else "qat"
     metric = quality.primary(ctx.config.task)
-    fallback = hold_drop(ctx, cfg, staged, fp32_path, fp32[metric], x, y, batches)
+    fallback = hold_drop(ctx, cfg, staged, fp32_path, fp32[metric], x, y, batches,
+                         trained_score=quality.main(ctx.config.task, reference, y))
     metrics, artifact = publish(
         ctx, cfg, staged, cfg.artifact(), fp32_path, x, y,
         {"method": method, f"fp32_{metric}": fp32[metric],

@@ -220,6 +220,9 @@ def fit(model: nn.Module, train: Dataset, opts: TrainingOptions, *, batch_size: 
         if task is not None:
             progress.update(task, advance=1, info=info)
         last = epoch + 1 == opts.epochs
+        if last and opts.bn_recalibration:
+            recalibrate_batchnorm(model, train, batch_size, device, opts.bn_recalibration,
+                                  padding)
         if resume is not None and dist.is_main() and (
                 last or (opts.checkpoint_every and (epoch + 1) % opts.checkpoint_every == 0)):
             _save_resume(resume, epoch + 1, model, opt, sched, data.generator, history)
@@ -228,6 +231,45 @@ def fit(model: nn.Module, train: Dataset, opts: TrainingOptions, *, batch_size: 
         raise ReplicasDiverged(f"after training, {mismatch}; this is a bug in a model that "
                                "keeps state outside parameters and buffers, or in compresskit")
     return history
+
+
+def recalibrate_batchnorm(model: nn.Module, train: Dataset, batch_size: int,
+                          device: torch.device, batches: int,
+                          padding: Padding | None = None) -> int:
+    """Re-estimate every BatchNorm's running mean and variance for the weights as they are: the
+    plain average over `batches` training batches (a fixed shuffle), BatchNorm in training
+    mode and everything else (dropout) in eval mode. Under torchrun each rank averages its own
+    batches and the ranks then average theirs. Returns how many layers were re-estimated."""
+    norms = [m for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return 0
+    was_training = model.training
+    momenta = [m.momentum for m in norms]
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average
+        m.train()
+    try:
+        with torch.no_grad():
+            for i, raw in enumerate(loader(Indexed(train), batch_size, shuffle=True, seed=0)):
+                if i >= batches:
+                    break
+                call(model, to(raw["x"] if padding is None else padding.trim(raw["x"]), device))
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+        model.train(was_training)
+    if dist.active():
+        import torch.distributed as tdist
+
+        for m in norms:
+            for t in (m.running_mean, m.running_var):
+                if t is not None:
+                    tdist.all_reduce(t)
+                    t /= dist.world_size()
+    return len(norms)
 
 
 def fit_stage(ctx: Any, model: nn.Module, opts: TrainingOptions, step: StepFn, what: str, *,

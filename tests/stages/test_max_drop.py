@@ -137,7 +137,8 @@ def test_keep_float_runs_the_layer_on_the_float_tensor(tmp_path):
     assert np.abs(outputs(floated) - want).max() < 0.05 * np.abs(want).max()
 
 
-def _patch_embedding(path: Path, second_conv: bool, quantized_input: bool = True) -> None:
+def _patch_embedding(path: Path, second_conv: bool, quantized_input: bool = True,
+                     norm: bool = False, pads: int = 0) -> None:
     """x -> Q/DQ -> Conv (int8 weights) -> Add (a position table) [-> Conv]: a ViT's patch
     embedding, whose output NNCF leaves unquantized; `close_qdq` adds the output frame."""
     from onnx import TensorProto, helper, numpy_helper
@@ -152,8 +153,14 @@ def _patch_embedding(path: Path, second_conv: bool, quantized_input: bool = True
              helper.make_node("DequantizeLinear", ["xq", "x_s", "x_z"], ["xd"]),
              helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_z"], ["w"], axis=0),
              helper.make_node("Conv", ["xd" if quantized_input else "x", "w"], ["patches"],
-                              strides=[4, 4], name="patch"),
-             helper.make_node("Add", ["patches", "pos"], ["y"])]
+                              strides=[4, 4], pads=[pads] * 4, name="patch"),
+             helper.make_node("Add", ["patches", "pos"], ["y" if not norm else "emb"])]
+    if norm:  # tokens (batch, 4, 8) into a LayerNorm: a ViT's residual stream
+        inits += [numpy_helper.from_array(np.array([0, 8, -1], np.int64), "shape"),
+                  numpy_helper.from_array(np.ones(8, np.float32), "gamma")]
+        nodes += [helper.make_node("Reshape", ["emb", "shape"], ["flat"]),
+                  helper.make_node("Transpose", ["flat"], ["tokens"], perm=[0, 2, 1]),
+                  helper.make_node("LayerNormalization", ["tokens", "gamma"], ["y"], axis=-1)]
     if second_conv:  # a conv that reads the patch conv's output: its quantizer must stay
         inits.append(numpy_helper.from_array(
             rng.integers(-127, 128, (4, 8, 1, 1), dtype=np.int8), "v_q"))
@@ -164,6 +171,10 @@ def _patch_embedding(path: Path, second_conv: bool, quantized_input: bool = True
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
     if second_conv:
         outputs.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, None))
+    if pads:  # the position table follows the padded output
+        inits[-1 if not norm else -3] = numpy_helper.from_array(
+            np.random.default_rng(2).normal(size=(1, 8, 2 + (2 * pads > 3), 2 + (2 * pads > 3))
+                                            ).astype(np.float32), "pos")
     graph = helper.make_graph(nodes, "patch", [helper.make_tensor_value_info(
         "x", TensorProto.FLOAT, [None, 3, 8, 8])], outputs, inits)
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
@@ -197,3 +208,27 @@ def test_a_conv_kept_float_takes_the_output_quantizer_added_for_it(tmp_path):
             np.testing.assert_allclose(outputs(floated)[0], outputs(want)[0], rtol=1e-5,
                                        atol=1e-5)
             assert not np.allclose(outputs(closed)[0], outputs(want)[0], atol=1e-3)
+
+
+@pytest.mark.parametrize("pads", [0, 2])
+def test_a_patch_embedding_into_a_layernorm_runs_as_conv_integer(tmp_path, pads):
+    """A conv whose output opens a LayerNorm stream keeps its integer products but not an
+    8-bit output: ConvInteger, its int32 sums scaled to float, equal to the QDQ graph's
+    dequantized conv (padding included: onnxruntime pads with the zero point)."""
+    x = np.random.default_rng(1).uniform(0, 1, (16, 3, 8, 8)).astype(np.float32)
+    src, closed = tmp_path / "src.onnx", tmp_path / "closed.onnx"
+    _patch_embedding(src, False, norm=True, pads=pads)
+    shutil.copyfile(src, closed)
+    done = quant.close_qdq(closed, [x])
+    assert "Conv patch as ConvInteger with a float output" in done
+    assert not any("patch output" in d for d in done)
+    ops = [n.op_type for n in onnx.load(str(closed)).graph.node]
+    assert "ConvInteger" in ops and "Conv" not in ops
+
+    def run(path: Path) -> np.ndarray:
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+            None, {"x": x})[0]
+
+    np.testing.assert_allclose(run(closed), run(src), rtol=1e-4, atol=1e-4)
+    optimized = quant.optimized_graph(closed, tmp_path / "opt.onnx")
+    assert quant.int8_coverage(src, optimized)["int8_coverage"] == 1.0
