@@ -18,6 +18,9 @@ with recovery between them, as AMC found one-shot deep cuts lose accuracy.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,7 @@ from torch import nn
 from compresskit.backends import ort as ort_backend
 from compresskit.backends import pruning
 from compresskit.backends.onnx_export import ExportError, export_onnx
+from compresskit.engine.artifacts import atomic_path, sha256_file
 from compresskit.engine.context import StageContext
 from compresskit.errors import StageError
 from compresskit.measure.targets import Target
@@ -78,6 +82,7 @@ class BudgetSearch:
                     "or a remote one"))
         self.kind = "bytes" if cfg.target_size is not None else "latency"
         self.device: dict[str, Any] | None = None  # what a remote target says it is
+        self.tables_from_cache = 0
         self.work = ctx.work_dir / "budget"
         self.work.mkdir(parents=True, exist_ok=True)
         self.example = job.example
@@ -134,6 +139,39 @@ class BudgetSearch:
 
     def _table(self, model: nn.Module, current: Path, reference: Path,
                step: int) -> list[Entry]:
+        """The cost table of `model` (exported as `current`), from the run's cache when the
+        same model, stage input, target and settings measured one before (a rerun that changes
+        only recovery, say): <run>/cache/budget/<key>.json."""
+        path = self.ctx.run_dir / "cache" / "budget" / f"{self._table_key(current, reference)}.json"
+        if path.is_file():
+            entries = [Entry(**e) for e in json.loads(path.read_text())]
+            self.tables_from_cache += 1
+            self.ctx.log(f"step {step}: the table of {len(entries)} cuts from the cache "
+                         f"({path.relative_to(self.ctx.run_dir)})")
+            return entries
+        entries = self._measure_table(model, current, reference, step)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps([dataclasses.asdict(e) for e in entries]))
+        return entries
+
+    def _table_key(self, current: Path, reference: Path) -> str:
+        """What a table depends on: the model and the stage input (their exported bytes), the
+        kind of cut and its levels, the cost measured and where, and the samples that score
+        the cuts."""
+        parts = [sha256_file(current), sha256_file(reference), type(self).__name__,
+                 self.levels, self.kind, self.target.to_json(), self.cfg.latency_runs,
+                 self.cfg.temperature, SAMPLES, self.settings(),
+                 self.ctx.config.data.model_dump(mode="json")]
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()
+                              ).hexdigest()[:24]
+
+    def settings(self) -> Any:
+        """The subclass's settings that change which cuts exist."""
+        return None
+
+    def _measure_table(self, model: nn.Module, current: Path, reference: Path,
+                       step: int) -> list[Entry]:
         roots = self.groups(model)
         base = self._outputs(model)
         files: dict[str, Path] = {}
@@ -226,6 +264,7 @@ class BudgetSearch:
         budget.update(self.run(goal, reference_cost))
         if self.device:
             budget["device"] = self.device
+        budget["tables_from_cache"] = self.tables_from_cache
         if not budget["met"]:
             self.ctx.log(f"[yellow]warning:[/yellow] {key} {amount} was not met: the closest "
                          f"model measures {self._show(budget['measured'])} against the goal's "
@@ -362,6 +401,9 @@ class BudgetPruner(BudgetSearch):
                  target: Target, recover: Any):
         super().__init__(job, cfg, ctx, target, recover)
         self.args = {**args, "global_ranking": False}
+
+    def settings(self) -> Any:
+        return self.args
 
     def groups(self, model: nn.Module) -> list[str]:
         return pruning.group_roots(model, self.example, **self.args)

@@ -157,6 +157,9 @@ class BudgetFactoriser(BudgetSearch):
         self.job.check_forward()
         self.loss = self.job.recover(self.lowrank.recover, "")
 
+    def settings(self) -> Any:
+        return [sorted(self.ignored), self.lowrank.layers, self.lowrank.round_to]
+
     def groups(self, model: nn.Module) -> list[str]:
         return [name for name, layer in model.named_modules()
                 if name not in self.ignored and (shape := _shape(layer)) is not None

@@ -118,3 +118,20 @@ def test_lowrank_budget_errors(tmp_path):
         lowrank({"target_latency": 0.5, "energy": 0.9}, tmp_path / "a")
     with pytest.raises(StageError, match="target .cuda., which this machine cannot run"):
         lowrank({"latency_ms": 0.01, "target": "cuda"}, tmp_path / "b")
+
+
+def test_the_cost_table_is_cached_with_the_run_keyed_by_the_model_and_target(tmp_path):
+    """A rerun that changes only recovery measures no table again: the same model, input and
+    target give the same key; the plan follows from the same table."""
+    first = run({"target_size": 15000}, tmp_path / "run")["stages"][1]["metrics"]["budget"]
+    assert first["tables_from_cache"] == 0
+    tables = list((tmp_path / "run" / "cache" / "budget").glob("*.json"))
+    assert len(tables) == 1
+    again = run({"target_size": 15000, "recover": 2}, tmp_path / "run")
+    budget = again["stages"][1]["metrics"]["budget"]
+    assert again["stages"][1]["status"] == "done"  # rerun, not taken from the stage cache
+    assert budget["tables_from_cache"] == 1
+    assert budget["steps"][0]["plan"] == first["steps"][0]["plan"]
+    # Another budget kind is another table.
+    run({"target_latency": 0.6}, tmp_path / "run")
+    assert len(list((tmp_path / "run" / "cache" / "budget").glob("*.json"))) == 2
