@@ -8,7 +8,8 @@ of distillation per step), over several seeds (the seed moves pruning's recovery
   this CPU and the KD loss of each cut (stages/_budget.py);
 - macs: `{type: prune, target_macs: M, steps: 2}`: the same amount cut from every group, with M
   found once (bisection, no recovery: pruning by weight norm does not depend on the seed) so
-  that its latency equals what the budget route measured for seed 0.
+  that its latency equals what the budget route measured for seed 0, or comes closest (uniform
+  cuts cannot go below the MACs the first and last layers hold).
 
 Accuracy is the exported FP32 student's on the 360 test images (one image is 0.28 points); at
 the end every student and the teacher are timed interleaved at batch 1 on one thread (median
@@ -33,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from compresskit import api  # noqa: E402
 from compresskit.backends.device_runner import device_info  # noqa: E402
+from compresskit.errors import StageError  # noqa: E402
 
 MODEL = {"source": "models/resnet.py:resnet", "kwargs": {"width": 48}}
 BASE = {"data": {"source": "digits_rgb32", "batch_size": 32}, "input": {"shape": [3, 32, 32]}}
@@ -56,15 +58,22 @@ def macs_for_latency(out: Path, teacher: Path, latency: float, runs: int) -> tup
     tried = []
     for i in range(7):
         m = (lo + hi) / 2
-        pm = prune_metrics(run(f"probe-{i}", out, [{
-            "type": "prune", "start_from": "teacher", "target_macs": round(m, 4),
-            "recover": 0, "latency_runs": runs}], teacher=teacher))
+        try:
+            pm = prune_metrics(run(f"probe-{i}", out, [{
+                "type": "prune", "start_from": "teacher", "target_macs": round(m, 4),
+                "recover": 0, "latency_runs": runs}], teacher=teacher))
+        except StageError as e:  # more than uniform cuts can remove (first and last kept)
+            print(f"  target_macs {m:.4f}: out of reach ({e})", flush=True)
+            lo = m
+            continue
         measured = 1 / pm["change"]["latency_speedup"]
         tried.append((round(m, 4), round(measured, 4)))
         print(f"  target_macs {m:.4f}: latency {measured:.3f}x of the teacher", flush=True)
         if abs(measured - latency) <= 0.02 * latency:
             break
         lo, hi = (m, hi) if measured < latency else (lo, m)
+    if not tried:
+        raise SystemExit("no target_macs could be pruned")
     best = min(tried, key=lambda t: abs(t[1] - latency))
     return best[0], tried
 

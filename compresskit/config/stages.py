@@ -314,6 +314,15 @@ class QatConfig(Int8Options, OptimOptions, TeacherCacheOptions):
     distill: bool = Field(
         True, description="Fine-tune with KD from the teacher; false: cross-entropy alone."
     )
+    kd_from: Literal["teacher", "self"] = Field(
+        "teacher",
+        description=(
+            "Whose outputs QAT distils: the pipeline's teacher, or 'self': the FP32 model being "
+            "quantized, as it came in (quantization-aware distillation: the INT8 model is pulled "
+            "toward its own FP32 outputs, what max_drop and the report compare it with, instead "
+            "of on toward the teacher)."
+        ),
+    )
     temperature: float = Field(4.0, gt=0, le=100, description="KD softmax temperature T.")
     alpha: float = Field(0.9, ge=0, le=1, description="Weight of the KD term.")
     preset: Literal["performance", "mixed"] = Field(
@@ -345,7 +354,8 @@ class QatConfig(Int8Options, OptimOptions, TeacherCacheOptions):
 
     @property
     def models_needed(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys((self.model, "teacher"))) if self.distill else (self.model,)
+        return tuple(dict.fromkeys((self.model, "teacher"))) \
+            if self.distill and self.kd_from == "teacher" else (self.model,)
 
     def artifact(self) -> str:
         return f"artifacts/{self.model}.qat{'' if self.distill else '-ce'}.int8.onnx"

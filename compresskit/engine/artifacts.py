@@ -82,7 +82,7 @@ class Artifact(TypedDict, total=False):
     bytes: Required[int]
     sha256: Required[str]
     method: str | None
-    """INT8 files: qat, qat+kd or ptq."""
+    """INT8 files: qat, qat+kd, qat+self-kd or ptq."""
     int8_coverage: float
     opset: int
     input: list[str]

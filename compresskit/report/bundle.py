@@ -27,7 +27,7 @@ from compresskit.engine.artifacts import (
 )
 from compresskit.ops.latency import fmt_ms
 
-PREFERENCE = ("qat+kd", "qat", "ptq")
+PREFERENCE = ("qat+kd", "qat+self-kd", "qat", "ptq")
 """Which INT8 artifact of the model goes in the bundle, best first."""
 
 README = """# {name}: deployment bundle

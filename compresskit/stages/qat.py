@@ -54,7 +54,8 @@ def run(cfg: QatConfig, ctx: StageContext) -> StageResult:
                                     overflow_fix=cfg.reduce_range, per_channel=cfg.per_channel)
     except quant.QuantError as e:
         raise StageError(ctx.name, str(e)) from None
-    teacher = ctx.model("teacher") if cfg.distill else None
+    teacher = None if not cfg.distill else ctx.model("teacher") if cfg.kd_from == "teacher" \
+        else copy.deepcopy(ctx.model(cfg.model)).cpu().eval()  # its own FP32 self
     loss = fine_tune(ctx, model, cfg.options(cfg.epochs), teacher, cfg, cfg.model, cfg.model,
                      hint="; QAT wants a small lr (1e-4)") if cfg.epochs else None
     if not dist.is_main():  # the other ranks' part ends with the training
@@ -107,7 +108,7 @@ def _write(cfg: QatConfig, ctx: StageContext, model: torch.nn.Module, x: Any, y:
     # ... then quantizers NNCF did not place are added, and `publish` checks that onnxruntime's
     # integer kernels compute what the final graph says.
     closed = quant.close_qdq(staged, batches)
-    method = "qat+kd" if cfg.distill else "qat"
+    method = ("qat+kd" if cfg.kd_from == "teacher" else "qat+self-kd") if cfg.distill else "qat"
     metric = quality.primary(ctx.config.task)
     fallback = hold_drop(ctx, cfg, staged, fp32_path, fp32[metric], x, y, batches,
                          trained_score=quality.main(ctx.config.task, reference, y))

@@ -234,3 +234,27 @@ def test_squeeze_excite_convs_are_quantized_too(tmp_path):
     m = report["stages"][1]["metrics"]
     assert m["int8_coverage"] >= 0.99, m["float_nodes"]
     assert m["op_counts"].get("QLinearConv", 0) >= 3  # the stem and both excite convs
+
+
+def test_qat_distils_from_its_own_fp32_self_without_a_teacher(tmp_path):
+    """kd_from: self: the INT8 student is pulled toward its own FP32 outputs; a pipeline with
+    no teacher can still do it, and the teacher is not even loaded when there is one."""
+    cfg = {"name": "self-kd", "data": {"source": "digits", "batch_size": 64},
+           "input": {"shape": [1, 8, 8]},
+           "student": {"source": "models/digits.py:student", "kwargs": {"width": 8}},
+           "stages": [{"type": "train", "model": "student", "epochs": 2, "lr": 0.01},
+                      {"type": "qat", "epochs": 1, "calibration_samples": 128,
+                       "kd_from": "self"}]}
+    calibrated = run({**cfg, "stages": [cfg["stages"][0], {**cfg["stages"][1], "epochs": 0}]},
+                     tmp_path)["stages"][1]["metrics"]
+    report = run(cfg, tmp_path)
+    qat = report["stages"][1]["metrics"]
+    assert qat["method"] == "qat+self-kd" and qat["int8_coverage"] >= 0.9
+    # This 8-channel CNN loses points to quantization; training toward itself wins some back.
+    assert calibrated["fp32_accuracy"] - calibrated["accuracy"] > 0.03
+    assert qat["accuracy"] > calibrated["accuracy"] + 0.02
+    art = {a["path"]: a["method"] for a in report["artifacts"]}
+    assert art["artifacts/student.qat.int8.onnx"] == "qat+self-kd"
+    with pytest.raises(ConfigError, match="kd_from"):
+        run({**cfg, "stages": [cfg["stages"][0], {**cfg["stages"][1], "kd_from": "peer"}]},
+            tmp_path)
