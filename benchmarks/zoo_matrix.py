@@ -7,10 +7,11 @@ Writes a markdown table (architecture x stage: done, or what failed and why; INT
 FP32 and INT8 accuracy, INT8/FP32 latency) and a JSON file of the same rows.
 
 Run: python benchmarks/zoo_matrix.py [--only NAME ...] [--out runs/zoo] [--epochs 3]
-         [--train-samples 320] [--test-samples 160]
+         [--attention-epochs N] [--train-samples 320] [--test-samples 160] [--max-drop P]
 The defaults are the compatibility run (tests/e2e/test_zoo_matrix.py); the README's accuracy
-columns come from `--epochs 10 --train-samples 1437 --test-samples 360` (all of digits), where
-the students learn enough for "INT8 within a point of FP32" to mean something.
+columns come from `--epochs 8 --attention-epochs 16 --train-samples 1000 --test-samples 360
+--max-drop 1`, where the students learn enough for "INT8 within a point of FP32" to mean
+something.
 """
 
 from __future__ import annotations
