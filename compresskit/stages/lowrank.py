@@ -33,19 +33,24 @@ from compresskit.stages._budget import RANK_LEVELS, BudgetSearch, stage_target
 from compresskit.stages._shrink import Shrink
 
 
+def _shape(layer: nn.Module) -> tuple[str, int, int] | None:
+    """(kind, out, fan_in) of a layer lowrank can factorise, else None."""
+    if isinstance(layer, nn.Linear):
+        return "linear", layer.out_features, layer.in_features
+    if isinstance(layer, nn.Conv2d) and layer.groups == 1:
+        return "conv", layer.out_channels, layer.in_channels * math.prod(layer.kernel_size)
+    return None
+
+
 def choose_rank(layer: nn.Module, cfg: LowRankConfig) -> tuple[int | None, str, float]:
     """The rank to factorise `layer` to, or None and the reason it stays whole; and the
     relative Frobenius error of the weight at that rank."""
-    if isinstance(layer, nn.Linear):
-        out, fan_in = layer.out_features, layer.in_features
-    elif isinstance(layer, nn.Conv2d):
-        if layer.groups != 1:
-            return None, "grouped or depthwise", 0.0
-        out = layer.out_channels
-        fan_in = layer.in_channels * math.prod(layer.kernel_size)
-    else:
-        return None, "not a Linear or Conv2d", 0.0
-    s = lr.singular_values(layer.weight)
+    shape = _shape(layer)
+    if shape is None:
+        return None, ("grouped or depthwise" if isinstance(layer, nn.Conv2d)
+                      else "not a Linear or Conv2d"), 0.0
+    _, out, fan_in = shape
+    s = lr.singular_values(layer.weight)  # type: ignore[arg-type]  # a Linear or Conv2d
     if cfg.rank_ratio is not None:
         rank = lr.rank_for_ratio(out, fan_in, cfg.rank_ratio)
     else:
@@ -108,15 +113,6 @@ def _forward_error(model: nn.Module, example: Any) -> str:
         text = str(e).strip()
         return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"[:200]
     return ""
-
-
-def _shape(layer: nn.Module) -> tuple[str, int, int] | None:
-    """(kind, out, fan_in) of a layer lowrank can factorise, else None."""
-    if isinstance(layer, nn.Linear):
-        return "linear", layer.out_features, layer.in_features
-    if isinstance(layer, nn.Conv2d) and layer.groups == 1:
-        return "conv", layer.out_channels, layer.in_channels * math.prod(layer.kernel_size)
-    return None
 
 
 def rank_at(layer: nn.Module, level: float, round_to: int | None) -> int | None:
