@@ -71,8 +71,11 @@ def _pipeline(name: str, task: str, teacher: Path, epochs: int,
          **fast},
         # QAT fine-tunes: 1e-4 for the CNNs, 2e-5 (a transformer's fine-tuning rate) for the
         # attention models and the MLP, where 1e-4 moved a tiny ViT more than a point.
+        # logit_tol 0.1: torchvision's shufflenet_v2 cascades rounding through its channel
+        # shuffles onto a few samples in a hundred (7 of 160 between 0.026 and 0.074 of the
+        # logit range, top-1 agreement 1.0); a wrong kernel moves every sample.
         {"type": "qat", "epochs": 1, "lr": 2e-5 if name in archs().NOT_CNN else 1e-4,
-         "calibration_samples": 64, **budget},
+         "calibration_samples": 64, "logit_tol": 0.1, **budget},
         {"type": "export", "models": ["student"], "bundle": False},
         {"type": "ptq", "calibration_samples": 64},
         {"type": "benchmark", "runs": 20, "warmup": 3, "memory": False},
