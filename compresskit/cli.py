@@ -141,7 +141,21 @@ def _summary(report: dict[str, Any]) -> None:
                   *(f"{v:.4f}" if isinstance(v, float) else "-" for v in values))
     narrow.print(t)
     metric = metrics[0]
-    for target in dict.fromkeys(b["target"] for b in report["benchmarks"]):
+    lm = [b for b in report["benchmarks"] if b.get("kind") == "lm"]
+    if lm:
+        c = Table(title="cpu: decoders, 1 thread", title_justify="left")
+        for col in ("file", "tokens/s", "x teacher", "TTFT ms", "perplexity", "agreement",
+                    "size"):
+            c.add_column(col, justify="left" if col == "file" else "right", no_wrap=True)
+        for b in lm:
+            c.add_row(f"{b['model']} {b['precision']}", f"{b['decode_tokens_per_s']:.1f}",
+                      f"{b.get('speedup_vs_teacher', float('nan')):.2f}x",
+                      f"{b['ttft_ms']:.0f}", f"{b['perplexity']:.2f}",
+                      f"{b['agreement']:.3f}" if b["agreement"] is not None else "-",
+                      _size(b["bytes"]))
+        narrow.print(c)
+    for target in dict.fromkeys(b["target"] for b in report["benchmarks"]
+                                if b.get("kind") != "lm"):
         rows = [b for b in report["benchmarks"] if b["target"] == target]
         bs = min(b["batch_size"] for b in rows)
         longest = max((b.get("length") or 0) for b in rows)

@@ -37,6 +37,7 @@ from compresskit.config.stages import (
     BenchmarkConfig,
     CompressOptions,
     ExportConfig,
+    GenerateConfig,
     Int8Options,
     LowRankConfig,
     PruneConfig,
@@ -50,7 +51,7 @@ from compresskit.config.stages import (
 __all__ = [
     "NAME_PATTERN", "STAGE_CONFIGS", "AttentionTerm", "BenchmarkConfig", "CompressOptions",
     "CosineTerm", "DataConfig", "DistillConfig", "ExportConfig", "FeatureTerm", "FromTeacher",
-    "InputConfig", "OutputConfig",
+    "GenerateConfig", "InputConfig", "OutputConfig",
     "Int8Options", "KLTerm", "LossTerm", "LowRankConfig", "ModelConfig", "ModelRole",
     "OptimOptions", "PipelineConfig", "PruneConfig", "PtqConfig", "QatConfig", "StageBase",
     "StageConfig", "StartFrom", "Strict", "TargetConfig", "TeacherCacheOptions",

@@ -27,10 +27,23 @@ class TeacherEntry(Strict):
 
 
 class KLTerm(Strict):
-    """Hinton et al. 2015: T^2 * KL(softmax(teacher/T) || softmax(student/T))."""
+    """Hinton et al. 2015: T^2 * KL(softmax(teacher/T) || softmax(student/T)). For task
+    causal-lm, at every position over the vocabulary, with the divergence chosen here."""
 
     type: Literal["kl"]
     weight: float = Field(1.0, ge=0, description="Weight of this term.")
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl"] = Field(
+        "forward_kl",
+        description=(
+            "task causal-lm: forward_kl KL(teacher || student); reverse_kl KL(student || "
+            "teacher) (MiniLLM); jsd the generalized Jensen-Shannon divergence with `beta` "
+            "(GKD); skew_kl KL(teacher || skew teacher + (1 - skew) student) (DistiLLM). "
+            "Other tasks use forward_kl."
+        ),
+    )
+    beta: float = Field(0.5, ge=0, le=1, description="divergence jsd: its beta (0: forward "
+                        "KL, 1: reverse KL).")
+    skew: float = Field(0.1, ge=0, lt=1, description="divergence skew_kl: its skew alpha.")
 
 
 class FeatureTerm(Strict):
@@ -147,6 +160,30 @@ class DistillConfig(TrainingOptions, TeacherCacheOptions):
             "contribution is measured, not assumed."
         ),
     )
+    cache_top_k: int = Field(
+        256, ge=1,
+        description=(
+            "task causal-lm with cache_teacher: keep the teacher's top-k log-probabilities "
+            "(fp16) and token ids (int32) per position, and the mass of the rest, computed "
+            "once for every epoch (Gemma 3 keeps 256). Without the cache the teacher runs live "
+            "and the loss sees the whole vocabulary."
+        ),
+    )
+    on_policy: float = Field(
+        0.0, ge=0, le=1,
+        description=(
+            "task causal-lm: the share of batches on which the student writes the text itself "
+            "(sampling `on_policy_tokens` tokens after the first half of a block) and the "
+            "teacher scores it live (GKD's lambda)."
+        ),
+    )
+    on_policy_tokens: int = Field(32, ge=1, description="Tokens the student samples per "
+                                  "on-policy batch.")
+    loss_chunk: int = Field(
+        1024, ge=16,
+        description="task causal-lm: positions per chunk of the vocabulary loss; memory holds "
+                    "chunk x vocabulary logits at a time, not batch x length x vocabulary.",
+    )
     generations: int = Field(2, ge=1, le=20, description="mode born_again: generations.")
     ema_decay: float = Field(
         0.99, gt=0, lt=1, description="mode ema: decay of the teacher's moving average."
@@ -191,6 +228,27 @@ class DistillConfig(TrainingOptions, TeacherCacheOptions):
     def problems(self, pipeline: Any) -> list[tuple[tuple[Any, ...], str]]:
         """Keys that contradict the mode or the pipeline's task."""
         out: list[tuple[tuple[Any, ...], str]] = []
+        if pipeline.task == "causal-lm":
+            if self.mode != "kd":
+                out.append((("mode",), f"mode: {self.mode} is not available for task "
+                            "causal-lm; use mode: kd"))
+            if len(self.teachers) != 1:
+                out.append((("teachers",), "task causal-lm distils from one teacher"))
+            if any(t.type != "kl" for t in self.losses):
+                out.append((("losses",), "task causal-lm distils the next-token distribution: "
+                            "use one 'kl' term (with its divergence)"))
+            if self.temperature == "auto":
+                out.append((("temperature",), "temperature: auto is not available for task "
+                            "causal-lm; give a number (1.0 is usual)"))
+            return out
+        lm_only = ("cache_top_k", "on_policy", "on_policy_tokens", "loss_chunk")
+        for key in lm_only:
+            if key in self.model_fields_set:
+                out.append(((key,), f"'{key}' applies to task causal-lm"))
+        if any(t.type == "kl" and ("divergence" in t.model_fields_set
+                                   and t.divergence != "forward_kl") for t in self.losses):
+            out.append((("losses",), "divergences other than forward_kl apply to task "
+                        "causal-lm"))
         if pipeline.task == "embed" and self.mode != "kd":
             out.append((("mode",), f"mode: {self.mode} compares logits; task: embed distils "
                         "embeddings with mode: kd and a cosine loss term"))

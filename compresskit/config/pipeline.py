@@ -19,6 +19,9 @@ from compresskit.config.search import SearchConfig
 from compresskit.config.stages import StageConfig
 from compresskit.registry import did_you_mean
 
+LM_STAGES = ("generate", "distill", "export", "ptq", "benchmark")
+"""The stages a causal-lm pipeline runs (compresskit.lm)."""
+
 
 class PipelineConfig(Strict):
     """A compresskit pipeline: data, models, and the stages that turn a teacher into a student."""
@@ -47,12 +50,15 @@ class PipelineConfig(Strict):
             "the order the data yields them."
         ),
     )
-    task: Literal["classify", "embed"] = Field(
+    task: Literal["classify", "embed", "causal-lm"] = Field(
         "classify",
         description=(
             "What the model's output is. classify: logits, scored by accuracy on labels. "
             "embed: an embedding per sample, scored by mean cosine similarity to the teacher's "
-            "embeddings and top-1 nearest-neighbour agreement with the teacher (no labels)."
+            "embeddings and top-1 nearest-neighbour agreement with the teacher (no labels). "
+            "causal-lm: next-token logits of a decoder (a transformers causal LM), scored by "
+            "perplexity and next-token agreement with the teacher; stages generate, distill, "
+            "export, ptq and benchmark."
         ),
     )
     teacher: ModelConfig | None = Field(None, description="The large, accurate model.")
@@ -136,6 +142,14 @@ def order_problems(cfg: PipelineConfig) -> list[tuple[tuple[Any, ...], str]]:
                              f"as '{name}:' rather than under 'models:'"))
     for i, stage in enumerate(cfg.stages):
         path = ("stages", i, "type")
+        lm = cfg.task == "causal-lm"
+        if lm != (stage.type == "generate") and stage.type not in LM_STAGES[1:]:
+            problems.append((path, (
+                f"task causal-lm runs the stages {', '.join(LM_STAGES)}; '{stage.type}' is "
+                "not available for a language model yet") if lm else (
+                "'generate' makes text for task causal-lm; this pipeline's task is "
+                f"{cfg.task}")))
+            continue
         if exported and stage.changes_model:
             problems.append(
                 (path, f"'{stage.type}' changes the model, so it cannot come after 'export'; "

@@ -383,11 +383,68 @@ class PtqConfig(Int8Options):
         ),
     )
 
+    bits: Literal[8, 4] = Field(
+        8,
+        description=(
+            "task causal-lm: 8 is dynamic INT8 (onnxruntime's quantize_dynamic: MatMulInteger "
+            "with activations quantized at run time); 4 is INT4 weight-only (MatMulNBits, "
+            "block_size weights per scale, the embedding table as well), built by "
+            "onnxruntime-genai's model builder from the same weights as the FP32 decoder."
+        ),
+    )
+    block_size: int = Field(32, ge=16, le=256, description="bits 4: weights per scale.")
+
     def problems(self, pipeline: Any) -> list[tuple[tuple[Any, ...], str]]:
+        if pipeline.task == "causal-lm":
+            if self.bits == 8 and not self.dynamic:
+                return [(("dynamic",), "task causal-lm quantizes to INT8 dynamically: set "
+                         "dynamic: true, or bits: 4 for INT4 weights")]
+            return []
+        if self.bits != 8 or "block_size" in self.model_fields_set:
+            return [(("bits",), "bits and block_size apply to task causal-lm; other tasks "
+                     "quantize to INT8")]
         if self.dynamic and self.max_drop is not None:
             return [(("max_drop",), "max_drop keeps layers of a static (QDQ) file in float; a "
                      "dynamic file has no quantizers to take out; drop one of the two")]
         return []
+
+
+class GenerateConfig(StageBase):
+    """Sequence-level distillation data (Kim and Rush 2016; the Orca, Phi-3 and DeepSeek-R1
+    recipe), task causal-lm: the teacher writes a completion for each prompt. Prompts and
+    completions are kept in the stage's folder (generated.jsonl, and their token ids); the
+    distill stages after it train on them beside the data source's training text. The same
+    seed and prompts give the same completions."""
+
+    type: Literal["generate"]
+    trains: ClassVar[bool] = False
+
+    model: ModelRole = Field("teacher", description="The model that writes the completions.")
+    prompts: str | None = Field(
+        None,
+        description=(
+            "A text file of prompts, one per line (relative to the pipeline file's folder), or "
+            "'module:attr' naming a list of strings (or a function returning one); null: the "
+            "built-in set of varied instructions (compresskit.lm.generate.PROMPTS)."
+        ),
+    )
+    limit: int | None = Field(None, ge=1, description="Use at most this many prompts.")
+    max_new_tokens: int = Field(96, ge=1, le=4096, description="Tokens per completion.")
+    temperature: float = Field(
+        0.0, ge=0, le=5,
+        description="Sampling temperature; 0: greedy (the usual choice for sequence-level KD).",
+    )
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling when temperature > 0.")
+    chat_template: bool = Field(
+        True,
+        description="Wrap each prompt in the tokenizer's chat template when it has one "
+                    "(instruction-tuned teachers answer in it).",
+    )
+    batch_size: int = Field(8, ge=1, description="Prompts generated together.")
+
+    @property
+    def models_needed(self) -> tuple[str, ...]:
+        return (self.model,)
 
 
 class ExportConfig(StageBase):
@@ -476,7 +533,17 @@ class BenchmarkConfig(StageBase):
             "this much (0.01: one point) of the most accurate one."
         ),
     )
-    verdict_metric: Literal["accuracy", "cosine", "nn_agreement"] | None = Field(
+    prompt_tokens: int = Field(
+        128, ge=1, description="task causal-lm: the prompt's length for time to first token.")
+    new_tokens: int = Field(
+        128, ge=1, description="task causal-lm: tokens decoded for tokens per second.")
+    sample_prompt: str = Field(
+        "The Python interpreter reads a program and",
+        description="task causal-lm: the prompt every artifact continues greedily in the "
+                    "report (32 tokens).",
+    )
+    verdict_metric: Literal["accuracy", "cosine", "nn_agreement", "perplexity",
+                            "agreement"] | None = Field(
         None,
         description=(
             "The quality metric the verdict judges by; null: the task's first (accuracy, or "
@@ -496,6 +563,12 @@ class BenchmarkConfig(StageBase):
         from compresskit.measure.quality import METRICS
 
         out: list[tuple[tuple[Any, ...], str]] = []
+        if pipeline.task == "causal-lm":
+            if self.targets != ["cpu"]:
+                out.append((("targets",), "task causal-lm is measured on this machine's CPU "
+                            "(targets: [cpu]); decoders on remote and cuda targets are not "
+                            "supported yet"))
+            return out
         if self.lengths and not any(i.dynamic for i in pipeline.inputs):
             out.append((("lengths",), "'lengths' needs an input with a dynamic axis; give one "
                         "under input: dynamic (e.g. {0: sequence})"))
@@ -515,7 +588,7 @@ if TYPE_CHECKING:
 else:  # every stage type's config, told apart by `type`
     StageConfig = Annotated[
         Union[TrainConfig, DistillConfig, PruneConfig, LowRankConfig, QatConfig,  # noqa: UP007
-              ExportConfig, PtqConfig, BenchmarkConfig],
+              ExportConfig, PtqConfig, BenchmarkConfig, GenerateConfig],
         Field(discriminator="type"),
     ]
 
@@ -528,6 +601,7 @@ STAGE_CONFIGS: dict[str, type[StageBase]] = {
     "export": ExportConfig,
     "ptq": PtqConfig,
     "benchmark": BenchmarkConfig,
+    "generate": GenerateConfig,
 }
 """The schema's side of each stage; the descriptors in compresskit.stages name the same classes
 (tests/unit/test_stage_contract.py holds the two together)."""

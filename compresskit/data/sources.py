@@ -336,6 +336,79 @@ def text(tokenizer: str, path: str | None = None, python: str | None = None,
     return out
 
 
+def _documents(path: str | None, python: str | None, base_dir: Path | None,
+               what: str) -> list[str]:
+    """Whole documents: a text file's paragraphs (split at blank lines), or a Python value (a
+    string, a list or dict of strings, or a function returning one)."""
+    from compresskit.models.sources import resolve_attr
+
+    if (path is None) == (python is None):
+        raise ValueError(f"give the {what} as 'path' (a text file) or 'python' "
+                         "('module:attr'), one of them")
+    if path is not None:
+        body = _file(path, base_dir, "text file").read_text(encoding="utf-8")
+        parts: Any = body.split("\n\n")
+    else:
+        obj = resolve_attr(str(python), base_dir or Path.cwd())
+        if callable(obj):
+            obj = obj()
+        parts = obj.values() if isinstance(obj, dict) else [obj] if isinstance(obj, str) else obj
+    return list(dict.fromkeys(str(d).strip() for d in parts if str(d).strip()))
+
+
+@DATASETS.register("causal_text")
+def causal_text(tokenizer: str, python: str | None = None, path: str | None = None,
+                eval_python: str | None = None, eval_path: str | None = None,
+                block_size: int = 256, limit_blocks: int | None = None, val_blocks: int = 16,
+                eval_blocks: int = 64, seed: int = 0,
+                base_dir: Path | None = None) -> dict[str, Any]:
+    """Text for a causal LM: documents tokenized with a Hugging Face tokenizer ('hf:<folder>'),
+    joined by its end-of-text token and cut into blocks of `block_size` tokens (input_ids only:
+    no padding, every token is predicted). Training text from `python` or `path`; `val` is
+    `val_blocks` blocks of it held out from training (in-domain); `test` is `eval_blocks` blocks
+    of the evaluation text from `eval_python` or `eval_path`, another source, with any document
+    that is also in the training text left out (out-of-domain). `limit_blocks` caps the
+    training blocks, drawn with the seed."""
+    import numpy as np
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from compresskit.models import hf
+
+    tok = hf.load_tokenizer(tokenizer, base_dir or Path.cwd())
+    sep = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+
+    def blocks(docs: list[str]) -> Any:
+        ids: list[int] = []
+        for doc in docs:
+            ids += tok(doc, add_special_tokens=False)["input_ids"]
+            if sep is not None:
+                ids.append(int(sep))
+        n = len(ids) // block_size
+        return np.asarray(ids[:n * block_size], dtype=np.int64).reshape(n, block_size)
+
+    train_docs = _documents(path, python, base_dir, "training text")
+    train = blocks(train_docs)
+    if len(train) < val_blocks + 2:
+        raise ValueError(f"the training text makes {len(train)} blocks of {block_size} tokens; "
+                         f"it needs more than val_blocks + 1 ({val_blocks + 1})")
+    order = np.random.default_rng(seed).permutation(len(train))
+    val, fit = train[order[:val_blocks]], train[np.sort(order[val_blocks:])]
+    if limit_blocks:
+        fit = fit[np.sort(np.random.default_rng(seed + 1).permutation(len(fit))[:limit_blocks])]
+    out: dict[str, Any] = {"train": TensorDataset(torch.from_numpy(fit)),
+                           "val": TensorDataset(torch.from_numpy(val))}
+    if eval_python is not None or eval_path is not None:
+        known = set(train_docs)
+        other = [d for d in _documents(eval_path, eval_python, base_dir, "evaluation text")
+                 if d not in known]
+        test = blocks(other)[:eval_blocks]
+        if len(test) < 1:
+            raise ValueError(f"the evaluation text makes no block of {block_size} tokens")
+        out["test"] = TensorDataset(torch.from_numpy(test))
+    return out
+
+
 @dataclass
 class Splits:
     train: Dataset

@@ -74,9 +74,12 @@ class Artifact(TypedDict, total=False):
 
     path: Required[str]
     """Relative to the run folder."""
-    format: Required[Literal["onnx", "bundle", "zip"]]
+    format: Required[Literal["onnx", "bundle", "zip", "decoder", "dataset"]]
+    """decoder: a causal LM's KV-cache ONNX decoder (the path names its model.onnx; the folder
+    holds its external weights, genai_config.json and the tokenizer); dataset: text a generate
+    stage wrote for the stages after it."""
     precision: Required[str | None]
-    """fp32 or int8."""
+    """fp32, int8 or int4."""
     model: Required[str | None]
     """The role it was made from (teacher, student, ...)."""
     bytes: Required[int]

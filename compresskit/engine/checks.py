@@ -99,12 +99,12 @@ def deep_check(loaded: LoadedPipeline) -> dict[str, nn.Module]:
                 problems.append(loaded.problem((*path, "checkpoint"), str(e)))
                 continue
             try:
-                model = modelio.adapt(model, mcfg.output, cfg.inputs, role)
+                model = modelio.adapt(model, mcfg.output, cfg.inputs, role, cfg.task)
             except modelio.ModelError as e:
                 problems.append(loaded.problem(("input",), str(e)))
                 continue
         try:
-            modelio.dry_forward(model, cfg.inputs, role)
+            modelio.dry_forward(model, cfg.inputs, role, cfg.task)
         except modelio.ModelError as e:
             at = ("input", "shape") if isinstance(cfg.input, InputConfig) else ("input",)
             problems.append(loaded.problem(at, str(e)))

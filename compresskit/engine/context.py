@@ -50,6 +50,8 @@ class StageContext:
     _data: Callable[[], Splits]
     _model: Callable[[str], nn.Module]
     _structure: Callable[[str], Structure]
+    base_dir: Path = Path(".")
+    """The pipeline file's folder: files a stage names (a prompts file) are found from it."""
 
     def data(self) -> Splits:
         return self._data()

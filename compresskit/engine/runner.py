@@ -150,7 +150,8 @@ class Runner:
         model = self._fresh.pop(role, None) if base == role else None
         if model is None:
             model = modelio.build(mcfg, base, self.loaded.base_dir,
-                                  model_seed(self.cfg.seed, base), self.cfg.inputs)
+                                  model_seed(self.cfg.seed, base), self.cfg.inputs,
+                                  self.cfg.task)
             trained = self._state.get(base)
             if base != role and self._state[role] is None and trained is not None \
                     and not self._structure[base]["edits"]:
@@ -248,7 +249,8 @@ class Runner:
             config=self.cfg, index=index, name=name, run_dir=self.run_dir, work_dir=work,
             device=self.device, seed=self.cfg.seed + index, console=self.console,
             progress=self.progress, artifacts=list(artifacts),
-            _data=self._data, _model=self._model, _structure=self._structure_of)
+            _data=self._data, _model=self._model, _structure=self._structure_of,
+            base_dir=self.loaded.base_dir)
         try:
             torch.manual_seed(ctx.seed)
             with contextlib.nullcontext() if stage_cfg.every_rank else dist.alone():

@@ -12,9 +12,11 @@ from typing import Any
 
 import numpy as np
 
-METRICS = {"classify": ("accuracy",), "embed": ("cosine", "nn_agreement")}
+METRICS = {"classify": ("accuracy",), "embed": ("cosine", "nn_agreement"),
+           "causal-lm": ("perplexity", "agreement")}
 LABELS = {"accuracy": "accuracy", "cosine": "cosine to teacher",
-          "nn_agreement": "NN agreement"}
+          "nn_agreement": "NN agreement", "perplexity": "perplexity",
+          "agreement": "next-token agreement with the teacher"}
 
 
 def primary(task: str) -> str:

@@ -22,12 +22,12 @@ class ModelError(Exception):
 
 
 def build(cfg: ModelConfig, role: str, base_dir: Path, seed: int,
-          inputs: Sequence[InputConfig] | None = None) -> nn.Module:
+          inputs: Sequence[InputConfig] | None = None, task: str = "classify") -> nn.Module:
     """Instantiate the model (seeded, so a rebuild is identical), load its checkpoint, and
     adapt it to positional inputs and one output tensor when `inputs` says so (see Entry)."""
     model = instantiate(cfg, role, base_dir, seed)
     load_checkpoint(model, cfg, role, base_dir)
-    return adapt(model, cfg.output, inputs, role) if inputs is not None else model
+    return adapt(model, cfg.output, inputs, role, task) if inputs is not None else model
 
 
 def instantiate(cfg: ModelConfig, role: str, base_dir: Path, seed: int) -> nn.Module:
@@ -205,9 +205,12 @@ def forward_parameters(model: nn.Module) -> tuple[list[str], bool]:
 
 
 def adapt(model: nn.Module, output: OutputConfig, inputs: Sequence[InputConfig],
-          role: str) -> nn.Module:
+          role: str, task: str = "classify") -> nn.Module:
     """The model itself when it takes one positional input and returns one tensor; else an
-    Entry. Input names the forward does not take are the user's error, named here."""
+    Entry. Input names the forward does not take are the user's error, named here. A causal
+    LM's output is its `logits` unless output.key says otherwise."""
+    if task == "causal-lm" and output.key is None:
+        output = output.model_copy(update={"key": "logits"})
     names = [i.name for i in inputs]
     if names == ["input"] and hf.is_hf_model(model):
         # One unnamed input goes where the model wants its main input (pixel_values for a
@@ -227,7 +230,8 @@ def adapt(model: nn.Module, output: OutputConfig, inputs: Sequence[InputConfig],
     return Entry(model, names, output, keyword)
 
 
-def dry_forward(model: nn.Module, inputs: Sequence[InputConfig], role: str) -> Any:
+def dry_forward(model: nn.Module, inputs: Sequence[InputConfig], role: str,
+                task: str = "classify") -> Any:
     """One forward pass on a placeholder batch; inputs the model rejects are the user's error."""
     model.eval()
     shown = f"input.shape {inputs[0].shape} ({inputs[0].dtype})" if len(inputs) == 1 else \
@@ -243,6 +247,13 @@ def dry_forward(model: nn.Module, inputs: Sequence[InputConfig], role: str) -> A
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ModelError(f"the {role} rejects {shown}: {msg}. Set input shape to "
                          "one sample's shape, without the batch dimension") from None
+    if task == "causal-lm":
+        if not isinstance(out, torch.Tensor) or out.dim() != 3:
+            shape = list(out.shape) if isinstance(out, torch.Tensor) else _describe(out)
+            raise ModelError(f"the {role} must return next-token logits of shape [batch, "
+                             f"tokens, vocabulary] for task causal-lm, got {shape}; load it "
+                             "with kwargs: {auto_class: AutoModelForCausalLM}")
+        return out
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         shape = list(out.shape) if isinstance(out, torch.Tensor) else _describe(out)
         raise ModelError(f"the {role} must return one tensor of shape [batch, classes] (or "

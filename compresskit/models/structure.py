@@ -131,9 +131,19 @@ def _layers(model: nn.Module, path: str | None, keep: list[int]) -> None:
         raise ValueError(f"from_teacher.layers has {bad[0]}, but the teacher's '{name}' has "
                          f"{len(layers)} layers (0 to {len(layers) - 1})")
     set_module(model, name, nn.ModuleList([layers[i] for i in keep]))
+    for j, layer in enumerate(get_module(model, name)):
+        for module in layer.modules():  # decoders index their KV cache by the layer's number
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = j
+    seen: set[int] = set()
     for module in model.modules():  # Hugging Face models read the count from their config
         config = getattr(module, "config", None)
-        if config is not None and hasattr(config, "num_hidden_layers"):
+        if config is not None and hasattr(config, "num_hidden_layers") \
+                and id(config) not in seen:
+            seen.add(id(config))
+            types = getattr(config, "layer_types", None)
+            if isinstance(types, list) and len(types) == config.num_hidden_layers:
+                config.layer_types = [types[i] for i in keep]
             config.num_hidden_layers = len(keep)
 
 

@@ -63,6 +63,13 @@ def pareto(points: list[tuple[float, float]]) -> list[int]:
 def plots(report: dict[str, Any]) -> list[tuple[str, str]]:
     """(caption, data URI) of each plot: accuracy against latency per target with the Pareto
     front, and the size of the model after each stage."""
+    if report.get("task") == "causal-lm":
+        from compresskit.report import lm
+
+        fig = lm.plot(report)
+        return [] if fig is None else [
+            ("Decode tokens/s (1 thread) against perplexity; the dashed line joins the files "
+             "no other beats on both", _png(fig))]
     import matplotlib
 
     matplotlib.use("Agg")

@@ -111,6 +111,10 @@ def findings(report: dict[str, Any]) -> tuple[list[str], list[str]]:
     """The findings a reader sees first (each stage's, then the comparisons on the first
     target at its first batch, at most FINDINGS lines) and the appendix (every other
     comparison)."""
+    if report.get("task") == "causal-lm":
+        from compresskit.report import lm
+
+        return lm.findings(report), []
     first, *rest = _comparisons(report) or [[]]
     main = _stage_findings(report) + first
     extra = [line for group in rest for line in group]
@@ -179,6 +183,10 @@ class Section:
 
 
 def sections(report: dict[str, Any]) -> list[Section]:
+    if report.get("task") == "causal-lm":
+        from compresskit.report import lm
+
+        return lm.sections(report, Section)  # type: ignore[no-any-return]
     k, label = metric_key(report), metric_label(report)
     out = [Section("Stages", ["stage", "status", "seconds", "params", "MACs", "ONNX KiB",
                               "batch-1 p50, 1 thread", label], [
@@ -311,6 +319,10 @@ def verdicts(report: dict[str, Any]) -> list[str]:
     """Per target, at its smallest batch: the fastest artifact whose accuracy is within the
     benchmark stage's verdict_tolerance of the most accurate one, and why. Files as fast as it
     within measurement noise tie with it, and the smallest of them is shipped."""
+    if report.get("task") == "causal-lm":
+        from compresskit.report import lm
+
+        return lm.verdicts(report)
     bench: dict[str, Any] = next((s["metrics"] for s in report["stages"]
                   if "verdict_tolerance" in s["metrics"]), {})
     tol = bench.get("verdict_tolerance", 0.01)

@@ -19,6 +19,7 @@ from compresskit.config.distill import DistillConfig
 from compresskit.config.stages import (
     BenchmarkConfig,
     ExportConfig,
+    GenerateConfig,
     LowRankConfig,
     PruneConfig,
     PtqConfig,
@@ -61,5 +62,6 @@ for _stage in (
     Stage("export", ExportConfig, "pipelines/digits.yaml"),
     Stage("ptq", PtqConfig, "pipelines/resnet.yaml"),
     Stage("benchmark", BenchmarkConfig, "pipelines/minilm.yaml"),
+    Stage("generate", GenerateConfig, "pipelines/smollm.yaml"),
 ):
     STAGES.register(_stage.name)(_stage)
