@@ -110,7 +110,9 @@ def deep_check(loaded: LoadedPipeline) -> dict[str, nn.Module]:
             problems.append(loaded.problem(at, str(e)))
             continue
         models[role] = model
-    if not problems:
+    if not problems and cfg.task == "causal-lm":
+        problems += _vocabulary_problems(loaded, models)
+    elif not problems:
         problems += _distill_problems(loaded, models)
     if problems:
         raise ConfigError(problems)
@@ -156,3 +158,42 @@ def _distill_problems(loaded: LoadedPipeline, models: dict[str, nn.Module]) -> l
         out += [loaded.problem(("stages", i, *key), msg)
                 for key, msg in problems(stage, student, teachers, example)]
     return out
+
+
+def _vocabulary_problems(loaded: LoadedPipeline, models: dict[str, nn.Module]) -> list[Problem]:
+    """task causal-lm: a teacher and a student that do not share one vocabulary cannot be
+    distilled token by token (what TRL and torchtune users ask about most); found here, before
+    any training, from the output sizes and the tokenizers' vocabularies."""
+    from compresskit.models import hf
+    from compresskit.models.sources import SourceError
+
+    teacher, student = models.get("teacher"), models.get("student")
+    if teacher is None or student is None:
+        return []
+    sections = loaded.config.model_sections()
+
+    def head(model: nn.Module) -> int | None:
+        inner = getattr(model, "model", model)
+        get = getattr(inner, "get_output_embeddings", None)
+        emb = get() if callable(get) else None
+        return int(emb.weight.shape[0]) if emb is not None else None
+
+    where = (*sections["student"][0], "source")
+    tv, sv = head(teacher), head(student)
+    if tv is not None and sv is not None and tv != sv:
+        return [loaded.problem(where, f"the teacher predicts {tv} tokens and the student {sv}: "
+                               "token-level distillation needs one vocabulary; give the student "
+                               "the teacher's tokenizer and vocab_size, or build it with "
+                               "from_teacher")]
+    sources = [sections[r][1].source for r in ("teacher", "student")]
+    if all(hf.is_hf(x) for x in sources) and sources[0] != sources[1]:
+        try:
+            vocabs = [hf.load_tokenizer(str(x), loaded.base_dir).get_vocab() for x in sources]
+        except SourceError as e:
+            return [loaded.problem(where, str(e))]
+        if vocabs[0] != vocabs[1]:
+            differ = sorted(set(vocabs[0].items()) ^ set(vocabs[1].items()), key=str)[:3]
+            return [loaded.problem(where, "the teacher's and the student's tokenizers differ "
+                                   f"(e.g. {', '.join(repr(k) for k, _ in differ)}): the same "
+                                   "id would mean different text; use one tokenizer for both")]
+    return []

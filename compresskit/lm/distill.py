@@ -47,7 +47,7 @@ class Rows:
 def rows(ctx: StageContext, pad: int) -> Rows:
     """The data source's training blocks, then each generated record as a row of the same
     length (prompt and padding do not count; a record longer than a block is cut)."""
-    blocks = ctx.data().train
+    blocks: Any = ctx.data().train
     ids = torch.stack([torch.as_tensor(blocks[i][0]) for i in range(len(blocks))]).long()
     mask = torch.ones_like(ids)
     records = generate.read(ctx.run_dir, ctx.artifacts)
@@ -165,7 +165,7 @@ def train(ctx: StageContext, cfg: DistillConfig, student: nn.Module, teacher: nn
             opt.step()
             sched.step()
             step += 1
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if step % 10 == 0 or step == total:
                 ctx.log(f"{label} epoch {epoch + 1}/{cfg.epochs} step {step}/{total} "
                         f"loss {sum(losses[-10:]) / len(losses[-10:]):.4f}")
@@ -203,7 +203,7 @@ def run(cfg: DistillConfig, ctx: StageContext) -> StageResult:
         "objective": {"divergence": objective.kind, "temperature": objective.temperature,
                       "alpha": objective.alpha, "on_policy": cfg.on_policy},
         "train_rows": len(data), "train_tokens": int(data.mask.sum()),
-        "generated_rows": len(data) - len(ctx.data().train)}
+        "generated_rows": len(data) - len(ctx.data().train)}  # type: ignore[arg-type]
     main = dist.is_main()
     if main:
         metrics["teacher"] = _scores(teacher, ctx)

@@ -86,7 +86,7 @@ def parity(model: nn.Module, path: Path, ids: torch.Tensor, atol: float,
     _, past = dec(ids[None, :half].numpy())
     rest, _ = dec(ids[None, half:].numpy(), past)
     scale = float(np.abs(ref).max())
-    out = {"max_abs_diff": float(np.abs(full[0] - ref).max()),
+    out: dict[str, Any] = {"max_abs_diff": float(np.abs(full[0] - ref).max()),
            "max_abs_diff_with_past": float(np.abs(rest[0] - ref[half:]).max()),
            "logit_scale": scale}
     prompt = [int(t) for t in ids[:16]]

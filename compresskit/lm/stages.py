@@ -54,7 +54,7 @@ def export_run(cfg: ExportConfig, ctx: StageContext) -> StageResult:
     return StageResult(metrics=metrics, artifacts=artifacts)
 
 
-def _source(cfg: PtqConfig, ctx: StageContext) -> dict[str, Any]:
+def _source(cfg: PtqConfig, ctx: StageContext) -> Any:
     found = [a for a in ctx.artifacts if a.get("format") == "decoder"
              and a.get("model") == cfg.model and a.get("precision") == "fp32"]
     if not found:

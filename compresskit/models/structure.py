@@ -130,11 +130,12 @@ def _layers(model: nn.Module, path: str | None, keep: list[int]) -> None:
     if bad:
         raise ValueError(f"from_teacher.layers has {bad[0]}, but the teacher's '{name}' has "
                          f"{len(layers)} layers (0 to {len(layers) - 1})")
-    set_module(model, name, nn.ModuleList([layers[i] for i in keep]))
-    for j, layer in enumerate(get_module(model, name)):
+    kept = nn.ModuleList([layers[i] for i in keep])
+    set_module(model, name, kept)
+    for j, layer in enumerate(kept):
         for module in layer.modules():  # decoders index their KV cache by the layer's number
             if isinstance(getattr(module, "layer_idx", None), int):
-                module.layer_idx = j
+                setattr(module, "layer_idx", j)
     seen: set[int] = set()
     for module in model.modules():  # Hugging Face models read the count from their config
         config = getattr(module, "config", None)
