@@ -393,6 +393,17 @@ class PtqConfig(Int8Options):
         ),
     )
     block_size: int = Field(32, ge=16, le=256, description="bits 4: weights per scale.")
+    int4_algorithm: Literal["default", "rtn", "k_quant", "rtn_last", "k_quant_last",
+                            "k_quant_mixed"] = Field(
+        "default",
+        description=(
+            "bits 4: the model builder's algo_config. default and rtn round to nearest; "
+            "k_quant searches each block's scale; *_last keeps the LM head (the largest, most "
+            "output-sensitive MatMul) in INT8; k_quant_mixed also the most sensitive layers "
+            "(llama.cpp's mixed strategy: the first and last eighth, every third layer's "
+            "v and down projections)."
+        ),
+    )
 
     def problems(self, pipeline: Any) -> list[tuple[tuple[Any, ...], str]]:
         if pipeline.task == "causal-lm":
@@ -400,7 +411,7 @@ class PtqConfig(Int8Options):
                 return [(("dynamic",), "task causal-lm quantizes to INT8 dynamically: set "
                          "dynamic: true, or bits: 4 for INT4 weights")]
             return []
-        if self.bits != 8 or "block_size" in self.model_fields_set:
+        if self.bits != 8 or {"block_size", "int4_algorithm"} & self.model_fields_set:
             return [(("bits",), "bits and block_size apply to task causal-lm; other tasks "
                      "quantize to INT8")]
         if self.dynamic and self.max_drop is not None:

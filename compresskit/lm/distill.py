@@ -220,6 +220,7 @@ def run(cfg: DistillConfig, ctx: StageContext) -> StageResult:
         metrics["after"] = _scores(student, ctx)
         metrics["test_perplexity"] = metrics["after"].get("test_perplexity")
         metrics["perplexity"] = metrics["test_perplexity"]
+        ctx.log(f"after: student test perplexity {metrics['test_perplexity']:.2f}")
     if start_state is not None:
         baseline = copy.deepcopy(lm_models.unwrap(student))
         baseline.load_state_dict(start_state)
@@ -227,6 +228,8 @@ def run(cfg: DistillConfig, ctx: StageContext) -> StageResult:
                                              Objective(alpha=0.0), None, "ce baseline")
         if main:
             metrics["baseline"] = _scores(baseline, ctx)
+            ctx.log(f"cross-entropy baseline: test perplexity "
+                    f"{metrics['baseline'].get('test_perplexity', float('nan')):.2f}")
             kd, ce = metrics["after"].get("test_perplexity"), \
                 metrics["baseline"].get("test_perplexity")
             if kd and ce:

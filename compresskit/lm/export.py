@@ -131,12 +131,15 @@ def coverage(path: Path) -> dict[str, Any]:
     q_elems = f_elems = 0
     floats: list[str] = []
     count = 0
+    bits: dict[str, int] = {}
     for node in model.graph.node:
         if node.op_type in quantized_ops:
             count += 1
             if node.op_type == "MatMulNBits":
                 k = next((a.i for a in node.attribute if a.name == "K"), 0)
                 n = next((a.i for a in node.attribute if a.name == "N"), 0)
+                b = next((a.i for a in node.attribute if a.name == "bits"), 4)
+                bits[f"int{b}"] = bits.get(f"int{b}", 0) + 1
                 q_elems += k * n
             else:
                 w = next((shapes[i] for i in node.input[1:2] if i in shapes), [])
@@ -146,7 +149,7 @@ def coverage(path: Path) -> dict[str, Any]:
             floats.append(node.name)
     total = q_elems + f_elems
     return {"quantized_matmuls": count, "float_matmuls": floats,
-            "weight_coverage": q_elems / total if total else 0.0}
+            "weight_only_bits": bits, "weight_coverage": q_elems / total if total else 0.0}
 
 
 def artifact(run_dir: Path, path: Path, precision: str, model: str, method: str | None,

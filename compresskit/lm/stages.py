@@ -70,11 +70,15 @@ def ptq_run(cfg: PtqConfig, ctx: StageContext) -> StageResult:
     if cfg.bits == 4:
         out = folder / f"{cfg.model}.decoder-int4"
         try:
-            path = lm_export.build(ctx.run_dir / src["hf_folder"], out, "int4",
-                                   {"block_size": cfg.block_size})
+            extra: dict[str, Any] = {"block_size": cfg.block_size}
+            if cfg.int4_algorithm != "default":
+                extra["algo_config"] = cfg.int4_algorithm
+            path = lm_export.build(ctx.run_dir / src["hf_folder"], out, "int4", extra)
         except lm_export.LMExportError as e:
             raise StageError(ctx.name, f"the {cfg.model}: {e}") from None
-        precision, method = "int4", f"int4 weight-only (MatMulNBits, block {cfg.block_size})"
+        precision = "int4"
+        method = f"int4 weight-only (MatMulNBits, block {cfg.block_size}, " \
+            f"{cfg.int4_algorithm})"
     else:
         out = folder / f"{cfg.model}.decoder-int8"
         if out.exists():

@@ -105,7 +105,7 @@ def _package_folder(name: str) -> Path | None:
 def load_model(source: str, base_dir: Path, kwargs: dict[str, Any]) -> Any:
     """AutoModel (or the `auto_class` kwarg, e.g. AutoModelForSequenceClassification) from the
     folder. Attention defaults to the plain ('eager') implementation, which every exporter and
-    pruner handles."""
+    pruner handles; a causal LM's to torch's fused one ('sdpa')."""
     path = folder(source, base_dir)
     transformers = _transformers()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -118,7 +118,10 @@ def load_model(source: str, base_dir: Path, kwargs: dict[str, Any]) -> Any:
     if cls is None or not hasattr(cls, "from_pretrained"):
         raise SourceError(f"transformers has no auto class '{name}' (kwargs.auto_class); use "
                           "AutoModel, AutoModelForSequenceClassification, ...")
-    options.setdefault("attn_implementation", "eager")
+    # A causal LM is exported by onnxruntime-genai's builder from its weights, not traced:
+    # torch's fused attention (sdpa) serves its training and generation.
+    options.setdefault("attn_implementation", "sdpa" if name.endswith("ForCausalLM")
+                       else "eager")
     try:
         return cls.from_pretrained(str(path), local_files_only=True, **options)
     except Exception as e:

@@ -213,3 +213,14 @@ def test_a_stage_error_names_the_missing_decoder(teacher_dir: Path, tmp_path: Pa
     with pytest.raises(StageError) as e:
         api.run(cfg, output_dir=tmp_path / "run", show_progress=False)
     assert "no FP32 decoder of the teacher" in str(e.value)
+
+
+def test_a_smaller_student_of_its_own_config_with_the_same_tokenizer(
+        teacher_dir: Path, tmp_path: Path) -> None:
+    small = make(tmp_path / "small", layers=1, hidden=32, seed=1)
+    cfg = pipeline(teacher_dir, baseline=False, epochs=1)
+    cfg["student"] = {"source": f"hf:{small}", "kwargs": {"auto_class": "AutoModelForCausalLM"}}
+    cfg["stages"] = cfg["stages"][1:2]
+    report = api.run(cfg, output_dir=tmp_path / "run", show_progress=False)
+    m = report["stages"][0]["metrics"]
+    assert m["after"]["test_perplexity"] < m["before"]["test_perplexity"]
