@@ -5,8 +5,8 @@ Per file, with the plain onnxruntime loop of compresskit.lm.decoder:
   `val` (held-out blocks of the training text);
 - top-1 next-token agreement with the FP32 teacher's file on the same positions;
 - time to first token for a `prompt_tokens` prompt, and decode tokens/s over `new_tokens`
-  greedy tokens, at 1 thread and at all cores, each in a fresh child process (median of 3),
-  with that process's peak RSS;
+  greedy tokens, at 1 thread and at all cores, each in a fresh child process, the files
+  interleaved in 3 rounds (medians), with the processes' peak RSS;
 - the file's bytes, and a greedy continuation of `sample_prompt` (the same for every file).
 """
 
@@ -27,14 +27,19 @@ from compresskit.lm import decoder
 from compresskit.lm.decoder import Decoder, score
 from compresskit.lm.tokenizers import tokenizer_for
 
+ROUNDS = 3
+"""Timed rounds per file and thread count, the files interleaved."""
+
 
 def blocks(ds: Any) -> np.ndarray:
     return np.stack([np.asarray(ds[i][0], dtype=np.int64) for i in range(len(ds))])
 
 
-def speed(path: str, prompt: list[int], new_tokens: int, threads: int) -> dict[str, float]:
-    """Timings and peak RSS of one file, in a fresh process."""
-    args = {"path": path, "prompt": prompt, "new_tokens": new_tokens, "threads": threads}
+def speed(path: str, prompt: list[int], new_tokens: int, threads: int,
+          repeat: int = 3) -> dict[str, float]:
+    """Timings (median of `repeat`) and peak RSS of one file, in a fresh process."""
+    args = {"path": path, "prompt": prompt, "new_tokens": new_tokens, "threads": threads,
+            "repeat": repeat}
     # The module's file as a script: the child imports numpy and onnxruntime alone, so its
     # peak RSS is the decoder's, not torch's.
     done = subprocess.run([sys.executable, decoder.__file__],
@@ -74,22 +79,36 @@ def run(cfg: BenchmarkConfig, ctx: StageContext) -> StageResult:
             "perplexity": ppl, "val_perplexity": val_ppl, "agreement": agree,
             "bytes": a["bytes"], "sample": text, "prompt_tokens": len(prompt),
             "new_tokens": cfg.new_tokens}
-        for threads in dict.fromkeys((1, cores)):
-            try:
-                found = speed(str(path), prompt, cfg.new_tokens, threads)
-            except RuntimeError as e:
-                raise StageError(ctx.name, str(e)) from None
-            row[f"threads_{threads}"] = found
-        row["decode_tokens_per_s"] = row["threads_1"]["decode_tokens_per_s"]
-        row["ttft_ms"] = row["threads_1"]["ttft_ms"]
-        row["peak_rss_mb"] = max(row[f"threads_{t}"]["peak_rss_mb"]
-                                 for t in dict.fromkeys((1, cores)))
         row["threads_all"] = cores
         ctx.log(f"{a['path']}: perplexity {ppl:.2f}, agreement "
-                f"{'-' if agree is None else f'{agree:.3f}'}, "
-                f"{row['decode_tokens_per_s']:.1f} tokens/s (1 thread), "
-                f"TTFT {row['ttft_ms']:.0f} ms, {a['bytes'] / 1e6:.1f} MB")
+                f"{'-' if agree is None else f'{agree:.3f}'}, {a['bytes'] / 1e6:.1f} MB")
         rows.append(row)
+    # Speed: the files interleaved, ROUNDS times, each time in a fresh process, so machine noise
+    # falls on all of them alike; the median of the rounds.
+    settings = list(dict.fromkeys((1, cores)))
+    runs: dict[tuple[int, int], list[dict[str, float]]] = {}
+    for _ in range(ROUNDS):
+        for i, a in enumerate(files):
+            for threads in settings:
+                try:
+                    found = speed(str(ctx.run_dir / a["path"]), prompt, cfg.new_tokens,
+                                  threads, repeat=1)
+                except RuntimeError as e:
+                    raise StageError(ctx.name, str(e)) from None
+                runs.setdefault((i, threads), []).append(found)
+    for i, row in enumerate(rows):
+        for threads in settings:
+            timed = runs[i, threads]
+            row[f"threads_{threads}"] = {
+                "ttft_ms": float(np.median([t["ttft_ms"] for t in timed])),
+                "decode_tokens_per_s": float(np.median([t["decode_tokens_per_s"]
+                                                        for t in timed])),
+                "peak_rss_mb": max(t["peak_rss_mb"] for t in timed)}
+        row["decode_tokens_per_s"] = row["threads_1"]["decode_tokens_per_s"]
+        row["ttft_ms"] = row["threads_1"]["ttft_ms"]
+        row["peak_rss_mb"] = max(row[f"threads_{t}"]["peak_rss_mb"] for t in settings)
+        ctx.log(f"{row['artifact']}: {row['decode_tokens_per_s']:.1f} tokens/s (1 thread), "
+                f"TTFT {row['ttft_ms']:.0f} ms, peak RSS {row['peak_rss_mb']:.0f} MB")
     base = rows[0] if rows[0]["model"] == "teacher" and rows[0]["precision"] == "fp32" else None
     if base is not None:
         for r in rows:

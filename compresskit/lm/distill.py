@@ -50,7 +50,9 @@ def rows(ctx: StageContext, pad: int) -> Rows:
     blocks: Any = ctx.data().train
     ids = torch.stack([torch.as_tensor(blocks[i][0]) for i in range(len(blocks))]).long()
     mask = torch.ones_like(ids)
-    records = generate.read(ctx.run_dir, ctx.artifacts)
+    # rank 0 ran the generate stages: the other ranks take its records
+    records = dist.broadcast_object(generate.read(ctx.run_dir, ctx.artifacts)
+                                    if dist.is_main() else None)
     if records:
         width = ids.shape[1]
         extra_ids = torch.full((len(records), width), pad, dtype=torch.long)
@@ -118,7 +120,8 @@ def train(ctx: StageContext, cfg: DistillConfig, student: nn.Module, teacher: nn
     world, rank = dist.world_size(), dist.rank()
     gen = torch.Generator().manual_seed(ctx.seed)
     batch = ctx.config.data.batch_size
-    steps_per_epoch = math.ceil(len(data) / (batch * world))
+    share = len(data) // world  # every rank the same number of rows, so of steps
+    steps_per_epoch = math.ceil(share / batch)
     total = steps_per_epoch * cfg.epochs
     params = [p for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -137,7 +140,7 @@ def train(ctx: StageContext, cfg: DistillConfig, student: nn.Module, teacher: nn
     step = 0
     for epoch in range(cfg.epochs):
         order = torch.randperm(len(data), generator=gen)
-        mine = order[rank::world]
+        mine = order[rank::world][:share]
         for s in range(0, len(mine), batch):
             pick = mine[s:s + batch]
             ids, mask = data.ids[pick], data.mask[pick]

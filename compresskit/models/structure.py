@@ -133,9 +133,10 @@ def _layers(model: nn.Module, path: str | None, keep: list[int]) -> None:
     kept = nn.ModuleList([layers[i] for i in keep])
     set_module(model, name, kept)
     for j, layer in enumerate(kept):
+        module: Any
         for module in layer.modules():  # decoders index their KV cache by the layer's number
             if isinstance(getattr(module, "layer_idx", None), int):
-                setattr(module, "layer_idx", j)
+                module.layer_idx = j
     seen: set[int] = set()
     for module in model.modules():  # Hugging Face models read the count from their config
         config = getattr(module, "config", None)

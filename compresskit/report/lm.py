@@ -100,8 +100,8 @@ def sections(report: dict[str, Any], section: Any) -> list[Any]:
              f"(test: text from another source than training; val: held-out training text). "
              f"Agreement: share of those positions whose top-1 token is the FP32 teacher "
              f"file's. TTFT: a {rows[0]['prompt_tokens']}-token prompt; tokens/s: "
-             f"{rows[0]['new_tokens']} greedy tokens after it, median of 3 in a fresh process "
-             f"whose peak RSS is shown."]))
+             f"{rows[0]['new_tokens']} greedy tokens after it; each a fresh process, the files "
+             f"interleaved in 3 rounds, medians; peak RSS of those processes."]))
         out.append(section("Greedy samples (32 tokens, the same prompt for every file)",
                            ["artifact", "continuation"],
                            [[f"`{r['artifact']}`", " ".join(r["sample"].split())]

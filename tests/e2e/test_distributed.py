@@ -130,3 +130,27 @@ def test_qat_trains_on_every_rank_and_rank_0_writes_the_file(write_pipeline, tmp
     assert sorted(p.name for p in (tmp_path / "ddp" / "artifacts").glob("*.int8.onnx")) == [
         "student.qat.int8.onnx"]
     assert result.stderr.count("02-qat: running") == 1
+
+
+@pytest.mark.slow
+def test_a_language_model_distils_on_two_processes(tmp_path):
+    """task causal-lm under torchrun: the generated records (written by rank 0) and the teacher's
+    top-k cache reach both ranks, the ranks take equal shares (no rank waits in an all-reduce
+    the other never calls), and the distilled student is one."""
+    pytest.importorskip("transformers")
+    import yaml
+
+    from tests.fixtures.tiny_lm import make
+    from tests.stages.test_lm import pipeline
+
+    cfg = pipeline(make(tmp_path / "teacher", layers=4), baseline=False)
+    cfg["stages"] = cfg["stages"][:2]
+    cfg["data"]["kwargs"]["limit_blocks"] = 45  # 49 rows: the ranks' shares must be equal
+    (tmp_path / "lm.yaml").write_text(yaml.safe_dump(cfg))
+    result = run([str(tmp_path / "lm.yaml"), "--nproc", "2", "-o", str(tmp_path / "ddp")],
+                 tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "ddp" / "report.json").read_text())
+    distill = report["stages"][1]["metrics"]
+    assert distill["generated_rows"] == 4 and distill["train_rows"] == 49
+    assert distill["after"]["test_perplexity"] < distill["before"]["test_perplexity"]
