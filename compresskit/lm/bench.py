@@ -72,7 +72,7 @@ def run(cfg: BenchmarkConfig, ctx: StageContext) -> StageResult:
         if a is teacher:
             reference, agree = tops, 1.0
         val_ppl = score(dec, val)[0]
-        text = tok.decode(dec.greedy(sample_ids, 32), skip_special_tokens=True)
+        text = tok.decode(dec.greedy(sample_ids, 32), skip_special_tokens=False)
         row: dict[str, Any] = {
             "artifact": a["path"], "model": a.get("model"), "precision": a.get("precision"),
             "method": a.get("method"), "kind": "lm", "target": "cpu",

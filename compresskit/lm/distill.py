@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,45 +25,11 @@ from compresskit.config import DistillConfig, KLTerm
 from compresskit.engine import distributed as dist
 from compresskit.engine.context import StageContext, StageResult
 from compresskit.errors import StageError
-from compresskit.lm import generate
 from compresskit.lm import models as lm_models
 from compresskit.lm.losses import Objective, TopK, chunked_loss
+from compresskit.lm.rows import Rows, rows
 from compresskit.lm.tokenizers import tokenizer_for
 from compresskit.lm.topk import teacher_top_k
-
-
-@dataclass
-class Rows:
-    """Training rows: token ids [n, t] and which positions count [n, t]."""
-
-    ids: torch.Tensor
-    mask: torch.Tensor
-
-    def __len__(self) -> int:
-        return int(self.ids.shape[0])
-
-
-def rows(ctx: StageContext, pad: int) -> Rows:
-    """The data source's training blocks, then each generated record as a row of the same
-    length (prompt and padding do not count; a record longer than a block is cut)."""
-    blocks: Any = ctx.data().train
-    ids = torch.stack([torch.as_tensor(blocks[i][0]) for i in range(len(blocks))]).long()
-    mask = torch.ones_like(ids)
-    # rank 0 ran the generate stages: the other ranks take its records
-    records = dist.broadcast_object(generate.read(ctx.run_dir, ctx.artifacts)
-                                    if dist.is_main() else None)
-    if records:
-        width = ids.shape[1]
-        extra_ids = torch.full((len(records), width), pad, dtype=torch.long)
-        extra_mask = torch.zeros_like(extra_ids)
-        for i, r in enumerate(records):
-            seq = (r["prompt_ids"] + r["completion_ids"])[:width]
-            extra_ids[i, :len(seq)] = torch.tensor(seq)
-            start = min(len(r["prompt_ids"]), width)
-            # the last prompt token predicts the first completion token: it counts too
-            extra_mask[i, max(start - 1, 0):len(seq)] = 1
-        ids, mask = torch.cat([ids, extra_ids]), torch.cat([mask, extra_mask])
-    return Rows(ids, mask)
 
 
 def perplexity(model: nn.Module, ds: Any, batch_size: int = 4) -> float:

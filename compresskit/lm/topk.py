@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -24,9 +23,7 @@ from compresskit.engine.artifacts import atomic_path, sha256_file, write_json
 from compresskit.engine.context import StageContext
 from compresskit.lm import models as lm_models
 from compresskit.lm.losses import TopK, top_k
-
-if TYPE_CHECKING:
-    from compresskit.lm.distill import Rows
+from compresskit.lm.rows import Rows
 
 
 def key_of(teacher: nn.Module, data: Rows, k: int, temperature: float) -> str:

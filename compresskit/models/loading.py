@@ -247,18 +247,16 @@ def dry_forward(model: nn.Module, inputs: Sequence[InputConfig], role: str,
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ModelError(f"the {role} rejects {shown}: {msg}. Set input shape to "
                          "one sample's shape, without the batch dimension") from None
-    if task == "causal-lm":
-        if not isinstance(out, torch.Tensor) or out.dim() != 3:
-            shape = list(out.shape) if isinstance(out, torch.Tensor) else _describe(out)
-            raise ModelError(f"the {role} must return next-token logits of shape [batch, "
-                             f"tokens, vocabulary] for task causal-lm, got {shape}; load it "
-                             "with kwargs: {auto_class: AutoModelForCausalLM}")
-        return out
-    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+    lm = task == "causal-lm"
+    if not isinstance(out, torch.Tensor) or out.dim() != (3 if lm else 2):
         shape = list(out.shape) if isinstance(out, torch.Tensor) else _describe(out)
-        raise ModelError(f"the {role} must return one tensor of shape [batch, classes] (or "
-                         f"[batch, dim] for an embedding), got {shape}; set the model's "
-                         "output.key, or output.pool for per-token outputs")
+        raise ModelError(
+            f"the {role} must return next-token logits of shape [batch, tokens, vocabulary] "
+            f"for task causal-lm, got {shape}; load it with kwargs: {{auto_class: "
+            "AutoModelForCausalLM}" if lm else
+            f"the {role} must return one tensor of shape [batch, classes] (or [batch, dim] "
+            f"for an embedding), got {shape}; set the model's output.key, or output.pool for "
+            "per-token outputs")
     return out
 
 

@@ -104,8 +104,8 @@ def sections(report: dict[str, Any], section: Any) -> list[Any]:
              f"interleaved in 3 rounds, medians; peak RSS of those processes."]))
         out.append(section("Greedy samples (32 tokens, the same prompt for every file)",
                            ["artifact", "continuation"],
-                           [[f"`{r['artifact']}`", " ".join(r["sample"].split())]
-                            for r in rows],
+                           [[f"`{r['artifact']}`", " ".join(r["sample"].split())
+                             or f"{r['sample']!r} (whitespace only)"] for r in rows],
                            [f"Prompt: {prompt!r}."] if prompt else []))
     kd = [s for s in report["stages"] if s["type"] == "distill" and "after" in s["metrics"]]
     if kd:
