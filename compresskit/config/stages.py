@@ -283,7 +283,9 @@ class Int8Options(StageBase):
         None, ge=0, le=100,
         description=(
             "Points of the task's metric (0.5: half a point of accuracy) the INT8 file may "
-            "lose against the FP32 model on the evaluation split. When it loses more, layers "
+            "lose against the FP32 model on the evaluation split. When it loses more, qat "
+            "first writes its calibrated weights, before training, if QAT's training lost the "
+            "points and those lose fewer; then layers "
             "are kept in float one at a time, chosen on training inputs by error regained per "
             "measured millisecond, until the drop holds within min_int8_coverage; the stage "
             "fails when it cannot. Unset: the all-INT8 file, whatever it loses."
@@ -321,6 +323,16 @@ class QatConfig(Int8Options, OptimOptions, TeacherCacheOptions):
             "quantized, as it came in (quantization-aware distillation: the INT8 model is pulled "
             "toward its own FP32 outputs, what max_drop and the report compare it with, instead "
             "of on toward the teacher)."
+        ),
+    )
+    keep: Literal["better", "trained"] = Field(
+        "better",
+        description=(
+            "Which weights QAT hands on. 'better': the fake-quantized model's accuracy on the "
+            "validation split is measured after calibration and again after training, and the "
+            "calibrated weights are kept when training lowered it (fine-tuning a weak model "
+            "moves its near-ties either way); 'trained': the weights as trained. Without "
+            "labels on the validation split, the trained weights."
         ),
     )
     temperature: float = Field(4.0, gt=0, le=100, description="KD softmax temperature T.")

@@ -38,6 +38,7 @@ from compresskit.stages._int8 import (
     shown,
 )
 from compresskit.stages._shrink import fine_tune, matching
+from compresskit.train.loop import evaluate, has_labels
 
 
 def run(cfg: QatConfig, ctx: StageContext) -> StageResult:
@@ -56,15 +57,78 @@ def run(cfg: QatConfig, ctx: StageContext) -> StageResult:
         raise StageError(ctx.name, str(e)) from None
     teacher = None if not cfg.distill else ctx.model("teacher") if cfg.kd_from == "teacher" \
         else copy.deepcopy(ctx.model(cfg.model)).cpu().eval()  # its own FP32 self
+    # The calibrated weights, kept for `keep: better` and for `max_drop`.
+    calibrated = copy.deepcopy(model.state_dict()) if cfg.epochs and (
+        cfg.keep == "better" or cfg.max_drop is not None) else None
+    val = ctx.data().val
+    judge = calibrated is not None and cfg.keep == "better" and \
+        ctx.config.task == "classify" and has_labels(val)
+    before = _val_accuracy(ctx, model) if judge else None
     loss = fine_tune(ctx, model, cfg.options(cfg.epochs), teacher, cfg, cfg.model, cfg.model,
                      hint="; QAT wants a small lr (1e-4)") if cfg.epochs else None
+    kept = None
+    if before is not None and calibrated is not None:
+        # Every rank holds the same weights after training and scores the whole split, so all
+        # ranks choose alike.
+        after = _val_accuracy(ctx, model)
+        kept = {"kept": "trained" if after >= before else "calibrated", "by": "validation",
+                "val_accuracy_calibrated": before, "val_accuracy_trained": after}
+        if after < before:
+            model.load_state_dict(calibrated)
+            ctx.log(f"QAT's training lowered validation accuracy ({before:.4f} calibrated, "
+                    f"{after:.4f} trained): the calibrated weights are kept (keep: better)")
     if not dist.is_main():  # the other ranks' part ends with the training
         return StageResult(metrics={})
+    if cfg.max_drop is not None and calibrated is not None and \
+            (kept is None or kept["kept"] == "trained"):
+        kept = _budget_weights(cfg, ctx, model, calibrated, x, y) or kept
     ranks = dist.world_size()
     with dist.alone():
         result = _write(cfg, ctx, model, x, y, folded, batches, loss)
     result.metrics["trained_on_ranks"] = ranks
+    if kept is not None:
+        result.metrics["kept_weights"] = kept
     return result
+
+
+def _val_accuracy(ctx: StageContext, model: torch.nn.Module) -> float:
+    score = evaluate(model.to(ctx.device), ctx.data().val, ctx.config.data.eval_batch_size,
+                     ctx.device)
+    model.cpu().eval()
+    return score
+
+
+def _budget_weights(cfg: QatConfig, ctx: StageContext, model: torch.nn.Module,
+                    calibrated: dict[str, torch.Tensor], x: Any, y: Any) -> dict[str, Any] | None:
+    """`max_drop`, first lever: when the fake-quantized model as trained loses more than the
+    budget against the FP32 model on the evaluation split (the split max_drop is measured on),
+    and the calibrated weights, before training, lose less, those are written instead (what
+    running QAT with fewer epochs would give). Layers kept in float, the second lever, come
+    after, in `hold_drop`."""
+    task = ctx.config.task
+
+    def score(m: torch.nn.Module) -> float:
+        with torch.no_grad():
+            out = inputs.call(m.cpu().eval(), inputs.apply(x, torch.from_numpy))
+        return quality.main(task, out.float().numpy(), y)
+
+    fp32 = score(copy.deepcopy(ctx.model(cfg.model)))
+    trained = score(model)
+    assert cfg.max_drop is not None
+    if (fp32 - trained) * 100 <= cfg.max_drop:
+        return None
+    state = copy.deepcopy(model.state_dict())
+    model.load_state_dict(calibrated)
+    before = score(model)
+    if before <= trained:
+        model.load_state_dict(state)
+        return None
+    metric = quality.LABELS[quality.primary(task)]
+    ctx.log(f"QAT's training lost {(fp32 - trained) * 100:.2f} points of {metric} on the "
+            f"evaluation split (max_drop {cfg.max_drop}); the calibrated weights, before "
+            f"training, lose {(fp32 - before) * 100:.2f}: those are written")
+    return {"kept": "calibrated", "by": "max_drop", "eval_drop_trained": (fp32 - trained) * 100,
+            "eval_drop_calibrated": (fp32 - before) * 100}
 
 
 def _write(cfg: QatConfig, ctx: StageContext, model: torch.nn.Module, x: Any, y: Any,

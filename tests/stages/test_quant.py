@@ -268,3 +268,37 @@ def test_qat_distils_from_its_own_fp32_self_without_a_teacher(tmp_path):
     with pytest.raises(ConfigError, match="kd_from"):
         run({**cfg, "stages": [cfg["stages"][0], {**cfg["stages"][1], "kd_from": "peer"}]},
             tmp_path)
+
+
+def test_qat_keeps_its_calibrated_weights_when_training_lowers_validation_accuracy(tmp_path):
+    """keep: better (the default): a QAT run whose fine-tuning wrecks the model (a learning rate
+    a hundred times too large) hands on the weights it had calibrated, and says so; keep:
+    trained hands on what training made."""
+    cfg = {"name": "keep", "data": {"source": "digits", "batch_size": 64},
+           "input": {"shape": [1, 8, 8]},
+           "student": {"source": "models/digits.py:student", "kwargs": {"width": 8}},
+           "stages": [{"type": "train", "model": "student", "epochs": 2, "lr": 0.01},
+                      {"type": "qat", "epochs": 1, "calibration_samples": 128,
+                       "distill": False, "lr": 0.05}]}
+
+    def qat(**kw: object) -> dict:
+        stages = [cfg["stages"][0], {**cfg["stages"][1], **kw}]
+        return run({**cfg, "stages": stages}, tmp_path)["stages"][1]["metrics"]
+
+    calibrated, better, trained = qat(epochs=0), qat(), qat(keep="trained")
+    assert better["kept_weights"]["kept"] == "calibrated"
+    assert better["kept_weights"]["by"] == "validation"
+    assert better["kept_weights"]["val_accuracy_trained"] < \
+        better["kept_weights"]["val_accuracy_calibrated"]
+    assert better["accuracy"] == calibrated["accuracy"]
+    assert "kept_weights" not in trained and "kept_weights" not in calibrated
+    assert trained["accuracy"] < calibrated["accuracy"] - 0.05
+    # max_drop's first lever, measured on the evaluation split: training lost more than the
+    # budget, the calibrated weights lose less, so they are written.
+    lost = (trained["fp32_accuracy"] - trained["accuracy"]) * 100
+    budget = (calibrated["fp32_accuracy"] - calibrated["accuracy"]) * 100 + 1
+    assert lost > budget
+    held = qat(keep="trained", max_drop=budget)
+    assert held["kept_weights"]["kept"] == "calibrated" and held["kept_weights"]["by"] == "max_drop"
+    assert held["accuracy"] == calibrated["accuracy"]
+    assert held["float_fallback"]["kept_float"] == []
