@@ -218,9 +218,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                              "learn slowest, and a weak student's near-ties make its INT8 "
                              "accuracy noisy")
     parser.add_argument("--train-samples", type=int, default=320,
-                        help="digits to train on (at most 1437)")
+                        help="digits to train on (the training part holds 1437; the "
+                             "validation digits come after these)")
     parser.add_argument("--test-samples", type=int, default=160,
-                        help="digits to measure accuracy on (at most 360)")
+                        help="digits to measure accuracy on (at most 360), and as many "
+                             "other digits to validate on")
     parser.add_argument("--max-drop", type=float, default=None,
                         help="qat's max_drop (accuracy points): layers that lose more are "
                              "kept in float (ptq, the baseline, is measured as it comes)")

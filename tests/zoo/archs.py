@@ -23,39 +23,44 @@ VOCAB = 20  # pixel values 0..16, shifted by one (0 is padding), and spares
 
 # -- data ---------------------------------------------------------------------------------------
 def _digits(n_train: int, n_test: int) -> tuple[Any, ...]:
+    """Train, validation and test digits: the test part of a stratified 80/20 split, and from
+    its training part the first `n_train` for training and the next `n_test` (as many as are
+    left) for validation, so a stage that chooses on validation never sees the test digits."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     x, y = load_digits(return_X_y=True)
     x_train, x_test, y_train, y_test = train_test_split(
         x, y, test_size=0.2, random_state=0, stratify=y)
-    return x_train[:n_train], y_train[:n_train], x_test[:n_test], y_test[:n_test]
+    val = slice(n_train, n_train + n_test)
+    return (x_train[:n_train], y_train[:n_train], x_train[val], y_train[val],
+            x_test[:n_test], y_test[:n_test])
 
 
 def digit_images(n_train: int = 320, n_test: int = 160) -> dict[str, Any]:
     """Digits upsampled to 3 x 32 x 32 (grey in every channel), pixels in [0, 1]."""
     from torch.utils.data import TensorDataset
 
-    x_tr, y_tr, x_te, y_te = _digits(n_train, n_test)
+    x_tr, y_tr, x_va, y_va, x_te, y_te = _digits(n_train, n_test)
 
     def ds(x: Any, y: Any) -> TensorDataset:
         t = torch.tensor(x / 16.0, dtype=torch.float32).reshape(-1, 1, 8, 8)
         t = nn.functional.interpolate(t, size=IMAGE, mode="bilinear", align_corners=False)
         return TensorDataset(t.expand(-1, 3, -1, -1).contiguous(), torch.tensor(y))
 
-    return {"train": ds(x_tr, y_tr), "val": ds(x_te, y_te), "test": ds(x_te, y_te)}
+    return {"train": ds(x_tr, y_tr), "val": ds(x_va, y_va), "test": ds(x_te, y_te)}
 
 
 def digit_tokens(n_train: int = 320, n_test: int = 160) -> dict[str, Any]:
     """Digits as 64 token ids (pixel value + 1) with an attention mask over all of them."""
-    x_tr, y_tr, x_te, y_te = _digits(n_train, n_test)
+    x_tr, y_tr, x_va, y_va, x_te, y_te = _digits(n_train, n_test)
 
     def ds(x: Any, y: Any) -> list[tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]]:
         ids = torch.tensor(x, dtype=torch.long) + 1
         return [((i, torch.ones_like(i)), label) for i, label in zip(ids, torch.tensor(y),
                                                                        strict=True)]
 
-    return {"train": ds(x_tr, y_tr), "val": ds(x_te, y_te), "test": ds(x_te, y_te)}
+    return {"train": ds(x_tr, y_tr), "val": ds(x_va, y_va), "test": ds(x_te, y_te)}
 
 
 # -- models of our own: the teachers, an MLP, torch's own transformer ----------------------------
