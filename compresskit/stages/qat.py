@@ -4,7 +4,9 @@ BatchNorm is folded into its convolution first, so onnxruntime can fuse every qu
 QLinearConv; NNCF inserts and calibrates fake quantizers; our training loop fine-tunes with the
 KD loss; `nncf.strip` leaves torch fake-quantize ops that the TorchScript exporter writes as
 QuantizeLinear/DequantizeLinear pairs; the weights are then stored as int8. The FP32 student is
-not changed: `export` still writes it, and the benchmark compares the two files.
+not changed: `export` still writes it, and the benchmark compares the two files. The weights
+written are the trained ones, or the calibrated ones from before training when training lowered
+validation accuracy (`keep: better`) or lost more than `max_drop` on the evaluation split.
 
 Under torchrun every rank quantizes and trains (DistributedDataParallel starts them from rank
 0's quantizers and averages gradients); rank 0 alone exports, checks and writes the file.
@@ -60,9 +62,8 @@ def run(cfg: QatConfig, ctx: StageContext) -> StageResult:
     # The calibrated weights, kept for `keep: better` and for `max_drop`.
     calibrated = copy.deepcopy(model.state_dict()) if cfg.epochs and (
         cfg.keep == "better" or cfg.max_drop is not None) else None
-    val = ctx.data().val
     judge = calibrated is not None and cfg.keep == "better" and \
-        ctx.config.task == "classify" and has_labels(val)
+        ctx.config.task == "classify" and has_labels(ctx.data().val)
     before = _val_accuracy(ctx, model) if judge else None
     loss = fine_tune(ctx, model, cfg.options(cfg.epochs), teacher, cfg, cfg.model, cfg.model,
                      hint="; QAT wants a small lr (1e-4)") if cfg.epochs else None
@@ -81,7 +82,7 @@ def run(cfg: QatConfig, ctx: StageContext) -> StageResult:
         return StageResult(metrics={})
     if cfg.max_drop is not None and calibrated is not None and \
             (kept is None or kept["kept"] == "trained"):
-        kept = _budget_weights(cfg, ctx, model, calibrated, x, y) or kept
+        kept = _budget_weights(cfg.max_drop, cfg, ctx, model, calibrated, x, y) or kept
     ranks = dist.world_size()
     with dist.alone():
         result = _write(cfg, ctx, model, x, y, folded, batches, loss)
@@ -98,7 +99,7 @@ def _val_accuracy(ctx: StageContext, model: torch.nn.Module) -> float:
     return score
 
 
-def _budget_weights(cfg: QatConfig, ctx: StageContext, model: torch.nn.Module,
+def _budget_weights(budget: float, cfg: QatConfig, ctx: StageContext, model: torch.nn.Module,
                     calibrated: dict[str, torch.Tensor], x: Any, y: Any) -> dict[str, Any] | None:
     """`max_drop`, first lever: when the fake-quantized model as trained loses more than the
     budget against the FP32 model on the evaluation split (the split max_drop is measured on),
@@ -114,8 +115,7 @@ def _budget_weights(cfg: QatConfig, ctx: StageContext, model: torch.nn.Module,
 
     fp32 = score(copy.deepcopy(ctx.model(cfg.model)))
     trained = score(model)
-    assert cfg.max_drop is not None
-    if (fp32 - trained) * 100 <= cfg.max_drop:
+    if (fp32 - trained) * 100 <= budget:
         return None
     state = copy.deepcopy(model.state_dict())
     model.load_state_dict(calibrated)
@@ -125,7 +125,7 @@ def _budget_weights(cfg: QatConfig, ctx: StageContext, model: torch.nn.Module,
         return None
     metric = quality.LABELS[quality.primary(task)]
     ctx.log(f"QAT's training lost {(fp32 - trained) * 100:.2f} points of {metric} on the "
-            f"evaluation split (max_drop {cfg.max_drop}); the calibrated weights, before "
+            f"evaluation split (max_drop {budget}); the calibrated weights, before "
             f"training, lose {(fp32 - before) * 100:.2f}: those are written")
     return {"kept": "calibrated", "by": "max_drop", "eval_drop_trained": (fp32 - trained) * 100,
             "eval_drop_calibrated": (fp32 - before) * 100}
