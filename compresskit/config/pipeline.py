@@ -20,7 +20,8 @@ from compresskit.config.stages import StageConfig
 from compresskit.registry import did_you_mean
 
 LM_STAGES = ("generate", "distill", "export", "ptq", "benchmark")
-"""The stages a causal-lm pipeline runs (compresskit.lm)."""
+"""The stages a causal-lm pipeline runs: generate, and those whose descriptor in
+compresskit.stages names an `lm` runner (compresskit.lm)."""
 
 
 class PipelineConfig(Strict):

@@ -43,25 +43,31 @@ class Stage:
     """A pipeline file under pipelines/ that uses the stage (the contract test validates it)."""
     findings: Findings | None = None
     """Plain-words report lines from a finished stage's record and the whole report."""
+    lm: str | None = None
+    """'module:function' that runs the stage for `task: causal-lm` (compresskit.lm)."""
 
     @property
     def module(self) -> str:
         return f"compresskit.stages.{self.name}"
 
     def run(self, cfg: Any, ctx: Any) -> Any:
+        if self.lm is not None and ctx.config.task == "causal-lm":
+            module, function = self.lm.split(":")
+            return getattr(importlib.import_module(module), function)(cfg, ctx)
         return importlib.import_module(self.module).run(cfg, ctx)
 
 
 STAGES: Registry[Stage] = Registry("stage")
 for _stage in (
     Stage("train", TrainConfig, "pipelines/digits.yaml"),
-    Stage("distill", DistillConfig, "pipelines/distill/features.yaml", distill_findings),
+    Stage("distill", DistillConfig, "pipelines/distill/features.yaml", distill_findings,
+          lm="compresskit.lm.distill:run"),
     Stage("prune", PruneConfig, "pipelines/resnet.yaml", shrink_findings),
     Stage("lowrank", LowRankConfig, "pipelines/digits.yaml", shrink_findings),
     Stage("qat", QatConfig, "pipelines/digits.yaml"),
-    Stage("export", ExportConfig, "pipelines/digits.yaml"),
-    Stage("ptq", PtqConfig, "pipelines/resnet.yaml"),
-    Stage("benchmark", BenchmarkConfig, "pipelines/minilm.yaml"),
+    Stage("export", ExportConfig, "pipelines/digits.yaml", lm="compresskit.lm.stages:export_run"),
+    Stage("ptq", PtqConfig, "pipelines/resnet.yaml", lm="compresskit.lm.stages:ptq_run"),
+    Stage("benchmark", BenchmarkConfig, "pipelines/minilm.yaml", lm="compresskit.lm.bench:run"),
     Stage("generate", GenerateConfig, "pipelines/smollm.yaml"),
 ):
     STAGES.register(_stage.name)(_stage)

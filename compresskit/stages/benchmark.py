@@ -19,10 +19,6 @@ from compresskit.ops.latency import fmt_ms
 
 
 def run(cfg: BenchmarkConfig, ctx: StageContext) -> StageResult:
-    if ctx.config.task == "causal-lm":  # a decoder: compresskit.lm
-        from compresskit.lm import bench as lm_bench
-
-        return lm_bench.run(cfg, ctx)
     # The teacher's FP32 file first: it is the reference each speedup is measured against.
     artifacts = sorted((a for a in ctx.artifacts if a.get("format") == "onnx"),
                        key=lambda a: (a.get("model") != "teacher", a.get("precision") != "fp32"))

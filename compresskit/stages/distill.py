@@ -38,10 +38,6 @@ from compresskit.train.padding import Padding
 
 
 def run(cfg: DistillConfig, ctx: StageContext) -> StageResult:
-    if ctx.config.task == "causal-lm":  # a decoder: compresskit.lm
-        from compresskit.lm import distill as lm_distill
-
-        return lm_distill.run(cfg, ctx)
     data = ctx.data()
     if cfg.baseline and not has_labels(data.train):
         raise _bad(ctx, ("baseline",), "baseline: true trains the student with cross-entropy, "

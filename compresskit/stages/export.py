@@ -56,10 +56,6 @@ def parity(model: torch.nn.Module, onnx_path: object, x: Any, atol: float,
 
 
 def run(cfg: ExportConfig, ctx: StageContext) -> StageResult:
-    if ctx.config.task == "causal-lm":  # a decoder: compresskit.lm
-        from compresskit.lm.stages import export_run
-
-        return export_run(cfg, ctx)
     x = eval_inputs(ctx, cfg.parity_samples)
     example = inputs.apply(inputs.take(x, slice(0, 2)), torch.from_numpy)
     artifacts: list[Artifact] = []

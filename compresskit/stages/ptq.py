@@ -16,10 +16,6 @@ from compresskit.stages._int8 import calibration, hold_drop, onnx_logits, publis
 
 
 def run(cfg: PtqConfig, ctx: StageContext) -> StageResult:
-    if ctx.config.task == "causal-lm":  # a decoder: compresskit.lm
-        from compresskit.lm.stages import ptq_run
-
-        return ptq_run(cfg, ctx)
     source = next((a for a in reversed(ctx.artifacts) if a.get("model") == cfg.model
                    and a.get("precision") == "fp32" and a.get("format") == "onnx"), None)
     if source is None:  # validation requires an export; it may not have exported this model
