@@ -189,7 +189,7 @@ def peak_rss_mb(path: str, target: dict[str, Any], threads: int, feeds_npz: str,
     return float(json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"])
 
 
-def _status_kb(field: str) -> int | None:
+def status_kb(field: str) -> int | None:
     try:
         with open("/proc/self/status", encoding="ascii") as f:
             for line in f:
@@ -221,13 +221,13 @@ def _memprobe(raw: str) -> None:
     with np.load(args["feeds"]) as data:
         feeds = {k: data[k] for k in data.files}
     with pinned(args["target"].get("pin_cores")):
-        linux = _reset_peak() and _status_kb("VmHWM") is not None
-        base_kb = _status_kb("VmRSS") if linux else \
+        linux = _reset_peak() and status_kb("VmHWM") is not None
+        base_kb = status_kb("VmRSS") if linux else \
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         sess = new_session(args["path"], args["target"], args["threads"])
         for _ in range(args["runs"]):
             sess.run(None, feeds)
-        peak_kb = _status_kb("VmHWM") if linux else \
+        peak_kb = status_kb("VmHWM") if linux else \
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"peak_rss_mb": max(0, (peak_kb or 0) - (base_kb or 0)) / 1024.0}))
 

@@ -148,13 +148,11 @@ def _peak_kb() -> float:
     keeps the forking parent's, so a child of a large process reports the parent's size)."""
     import resource
 
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return float(line.split()[1])
-    except OSError:
-        pass
+    from compresskit.backends.device_runner import status_kb
+
+    peak = status_kb("VmHWM")
+    if peak is not None:
+        return float(peak)
     return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
