@@ -488,7 +488,9 @@ class ExportConfig(StageBase):
         512, ge=1, description="Evaluation samples run through torch and onnxruntime for parity."
     )
     atol: float = Field(1e-4, gt=0, description="Absolute tolerance of the parity check.")
-    rtol: float = Field(1e-3, ge=0, description="Relative tolerance of the parity check.")
+    rtol: float = Field(
+        1e-3, ge=0,
+        description="Relative tolerance of the parity check, of each sample's largest output.")
     bundle: bool = Field(
         True,
         description=(

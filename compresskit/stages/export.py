@@ -39,18 +39,22 @@ def eval_inputs(ctx: StageContext, n: int) -> Any:
 
 def parity(model: torch.nn.Module, onnx_path: object, x: Any, atol: float,
            rtol: float) -> dict[str, float | bool]:
-    """Compare torch and onnxruntime outputs on the same real inputs."""
+    """Compare torch and onnxruntime outputs on the same real inputs. Each sample's outputs
+    may differ by atol + rtol x the largest of them: float error follows the size of the
+    values a sample computes with, so a logit near zero in a vector of logits near 20 is held
+    to the vector's scale, not to its own (it would fail on rounding alone)."""
     with torch.no_grad():
         ref = inputs.call(model, inputs.apply(x, torch.from_numpy)).float().numpy()
     sess = ort_backend.session(onnx_path, TARGETS.get("cpu"), threads=1)  # type: ignore[arg-type]
     got = ort_backend.predict(sess, x, batch_size=256).astype(np.float32)
     diff = np.abs(got - ref)
+    scale = np.abs(ref).reshape(len(ref), -1).max(axis=1).reshape((-1,) + (1,) * (ref.ndim - 1))
     return {
         "max_abs_diff": float(diff.max()),
         "top1_agreement": float((got.argmax(1) == ref.argmax(1)).mean()),
         "min_cosine": float(min(quality.mean_cosine(got[i:i + 1], ref[i:i + 1])
                                 for i in range(len(got)))),
-        "within_tolerance": bool(np.all(diff <= atol + rtol * np.abs(ref))),
+        "within_tolerance": bool(np.all(diff <= atol + rtol * scale)),
         "samples": inputs.count(x),
     }
 

@@ -136,3 +136,27 @@ def test_whole_window_pool_in_a_qdq_graph_runs_as_the_graph_says(tmp_path):
             "CPUExecutionProvider"]).run(None, {"x": x})[0])
     np.testing.assert_allclose(out[1], out[0], atol=0.021)  # one quantization step
     np.testing.assert_allclose(out[0].reshape(3, c), x.mean(axis=(2, 3)), atol=0.021)
+
+
+def test_parity_holds_each_output_to_its_samples_scale(tmp_path):
+    """Rounding in a network whose logits are near 20 moves a logit near zero by more than
+    rtol of its own value: the check holds it to the sample's scale. A real difference, one
+    far above rounding at that scale, still fails."""
+    import numpy as np
+
+    from compresskit.backends.onnx_export import export_onnx
+
+    def linear(second: float) -> nn.Module:
+        m = nn.Linear(1, 2)
+        with torch.no_grad():
+            m.weight.zero_()
+            m.bias.copy_(torch.tensor([20.0, second]))
+        return m.eval()
+
+    x = np.ones((4, 1), np.float32)
+    path = tmp_path / "m.onnx"
+    export_onnx(linear(0.0003), torch.ones(1, 1), path, 17)
+    near = export_stage.parity(linear(0.0), path, x, atol=1e-4, rtol=1e-3)
+    assert near["within_tolerance"] and near["max_abs_diff"] == pytest.approx(3e-4, rel=1e-2)
+    far = export_stage.parity(linear(0.5), path, x, atol=1e-4, rtol=1e-3)
+    assert not far["within_tolerance"]
