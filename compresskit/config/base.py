@@ -18,6 +18,15 @@ class Strict(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
+    def chosen(self) -> set[str]:
+        """Fields given with a value other than their default: the user's choices. A run's
+        resolved.yaml lists every default, and running it again must not read those as
+        options given where they do not apply."""
+        fields = type(self).model_fields
+        return {k for k in self.model_fields_set
+                if k in fields and getattr(self, k) != fields[k].get_default(
+                    call_default_factory=True)}
+
 
 class DataConfig(Strict):
     """Where the training and evaluation data come from."""

@@ -49,7 +49,10 @@ class KLTerm(Strict):
 class FeatureTerm(Strict):
     """FitNets (Romero et al. 2015): match the output of a student module to a teacher module's.
     When channel counts differ, a learned 1x1 convolution (Linear for 2-D/3-D outputs) maps
-    the student's to the teacher's; it trains with the student and is not exported."""
+    the student's to the teacher's; it trains with the student and is not exported. On token
+    sequences of a model with an attention-mask input, padded tokens are left out and cosine
+    compares token by token (TinyBERT's hidden-state loss, e.g. student
+    encoder.layer.2 against teacher encoder.layer.5)."""
 
     type: Literal["features"]
     student: str = Field(..., description="Student module name (model.named_modules()).")
@@ -242,17 +245,18 @@ class DistillConfig(TrainingOptions, TeacherCacheOptions):
                             "causal-lm; give a number (1.0 is usual)"))
             return out
         lm_only = ("cache_top_k", "on_policy", "on_policy_tokens", "loss_chunk")
+        chosen = self.chosen()
         for key in lm_only:
-            if key in self.model_fields_set:
+            if key in chosen:
                 out.append(((key,), f"'{key}' applies to task causal-lm"))
-        if any(t.type == "kl" and ("divergence" in t.model_fields_set
+        if any(t.type == "kl" and ("divergence" in t.chosen()
                                    and t.divergence != "forward_kl") for t in self.losses):
             out.append((("losses",), "divergences other than forward_kl apply to task "
                         "causal-lm"))
         if pipeline.task == "embed" and self.mode != "kd":
             out.append((("mode",), f"mode: {self.mode} compares logits; task: embed distils "
                         "embeddings with mode: kd and a cosine loss term"))
-        given = self.model_fields_set
+        given = chosen
         only = {"teachers": ("kd",), "confidence_weighting": ("kd",),
                 "generations": ("born_again",), "ema_decay": ("ema",), "noise": ("ema",),
                 "peers": ("mutual",), "cache_teacher": ("kd", "born_again"),

@@ -423,7 +423,7 @@ class PtqConfig(Int8Options):
                 return [(("dynamic",), "task causal-lm quantizes to INT8 dynamically: set "
                          "dynamic: true, or bits: 4 for INT4 weights")]
             return []
-        if self.bits != 8 or {"block_size", "int4_algorithm"} & self.model_fields_set:
+        if self.bits != 8 or {"block_size", "int4_algorithm"} & self.chosen():
             return [(("bits",), "bits and block_size apply to task causal-lm; other tasks "
                      "quantize to INT8")]
         if self.dynamic and self.max_drop is not None:
