@@ -211,7 +211,8 @@ class Objective:
         if bridge is not None:
             s = bridge(s)
         if isinstance(term, FeatureTerm):
-            return kd.feature_distance(s, t, term.loss)
+            mask = None if self.padding is None else x[self.padding.mask]
+            return kd.feature_distance(s, t, term.loss, mask)
         return kd.cosine_loss(s, t)
 
     def close(self) -> None:

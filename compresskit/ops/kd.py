@@ -77,10 +77,24 @@ def mix_with_labels(distill: torch.Tensor, student_logits: torch.Tensor,
     return alpha * distill + (1.0 - alpha) * hard, {**terms, "ce": float(hard.detach())}
 
 
-def feature_distance(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
+def feature_distance(student: torch.Tensor, teacher: torch.Tensor, kind: str,
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
     """FitNets' hint loss between two feature tensors of the same shape: mean squared error,
-    mean absolute error, or 1 - cosine similarity of the flattened per-sample features."""
+    mean absolute error, or 1 - cosine similarity of the flattened per-sample features. With
+    `mask` ([batch, tokens], for [batch, tokens, width] sequences) only real tokens count, and
+    cosine compares each token's vector (TinyBERT's hidden-state loss, padding left out)."""
     teacher = teacher.detach()
+    if mask is not None and student.dim() == 3 and mask.shape == student.shape[:2]:
+        keep = mask.to(student.dtype)
+        tokens = keep.sum().clamp(min=1.0)
+        if kind == "cosine":
+            per_token = 1.0 - F.cosine_similarity(student, teacher, dim=-1)
+        elif kind in ("mse", "l1"):
+            diff = student - teacher
+            per_token = (diff.pow(2) if kind == "mse" else diff.abs()).mean(dim=-1)
+        else:
+            raise ValueError(f"unknown feature distance {kind!r}")
+        return (per_token * keep).sum() / tokens
     if kind == "mse":
         return F.mse_loss(student, teacher)
     if kind == "l1":

@@ -111,6 +111,23 @@ def test_feature_distances():
     assert torch.allclose(kd.feature_distance(a, -a, "cosine"), torch.tensor(2.0), atol=1e-6)
 
 
+def test_sequence_feature_distances_leave_padding_out():
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    noisy = s.clone()
+    noisy[0, 3:] = 1e3  # padded tokens: nothing to match
+    for kind in ("mse", "l1", "cosine"):
+        assert torch.allclose(kd.feature_distance(noisy, t, kind, mask),
+                              kd.feature_distance(s, t, kind, mask)), kind
+    real = mask.bool()
+    assert torch.allclose(kd.feature_distance(s, t, "mse", mask), (s - t)[real].pow(2).mean())
+    # cosine compares token by token: a per-token rescaling costs nothing
+    assert float(kd.feature_distance(t * torch.rand(2, 5, 1) + 0.0, t, "cosine", mask)) < 1e-6
+    assert torch.allclose(kd.feature_distance(s, t, "mse", torch.ones(2, 5)),
+                          kd.feature_distance(s, t, "mse"))
+
+
 def test_attention_maps_are_unit_norm_and_scale_free():
     f = torch.randn(2, 8, 4, 4)
     amap = kd.attention_map(f)
