@@ -31,8 +31,82 @@ class TraceError(PruneError):
     """torch-pruning cannot build the model's dependency graph at all."""
 
 
-def importance(name: str) -> Any:
+Feed = Callable[[nn.Module], None]
+"""Runs calibration batches through a model (for importance measured on activations)."""
+
+
+class ActivationImportance(tp.importance.GroupMagnitudeImportance):
+    """How much each channel feeds the layers that read it, on real data (the Wanda and
+    Minitron criterion): for every Linear or convolution in the group that takes the channel as
+    an input, the root-mean-square of that input over the calibration batches times the L2
+    norm of the weights reading it, summed over those layers. A channel that is large but read
+    by small weights, or read by large weights but always near zero, ranks low; weight
+    magnitude alone sees only the second half. Groups with no such reader (a query-key
+    product, a model output) fall back to weight magnitude."""
+
+    def __init__(self, model: nn.Module, feed: Feed):
+        super().__init__(p=2)
+        self.model, self.feed = model, feed
+        self.sumsq: dict[nn.Module, torch.Tensor] = {}
+
+    def _measure(self) -> None:
+        """Per-input-channel mean squares of every Linear and convolution, on the model as it
+        is now (widths change between iterative steps)."""
+        sums: dict[nn.Module, list[Any]] = {}
+
+        def keep(m: nn.Module, inputs: tuple[Any, ...], _out: Any) -> None:
+            x = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
+            if x is None or not x.is_floating_point():
+                return
+            x = x.detach().float()
+            dims = [d for d in range(x.dim()) if d != (x.dim() - 1 if isinstance(m, nn.Linear)
+                                                       else 1)]
+            total = sums.setdefault(m, [0.0, 0])
+            total[0] = total[0] + x.pow(2).sum(dim=dims)
+            total[1] += x.numel() // x.shape[-1 if isinstance(m, nn.Linear) else 1]
+
+        hooks = [m.register_forward_hook(keep) for m in self.model.modules()
+                 if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d)]
+        try:
+            with torch.no_grad():
+                self.feed(self.model)
+        finally:
+            for h in hooks:
+                h.remove()
+        self.sumsq = {m: s / max(n, 1) for m, (s, n) in sums.items()
+                      if isinstance(s, torch.Tensor)}
+
+    def _width(self, layer: nn.Module) -> int:
+        return layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
+
+    @torch.no_grad()
+    def __call__(self, group: Any) -> torch.Tensor | None:
+        readers = [(dep.layer, idxs, group[i].root_idxs) for i, (dep, idxs) in enumerate(group)
+                   if dep.pruning_fn in (tp.pruner.function.prune_linear_in_channels,
+                                         tp.pruner.function.prune_conv_in_channels)
+                   and isinstance(dep.layer, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d)
+                   and getattr(dep.layer, "groups", 1) == 1]
+        if any(r not in self.sumsq or self.sumsq[r].numel() != self._width(r)
+               for r, _, _ in readers):
+            self._measure()
+        scores, roots = [], []
+        for layer, idxs, root_idxs in readers:
+            if layer not in self.sumsq or any(r is None for r in root_idxs):
+                continue
+            w = layer.weight.detach().transpose(0, 1).flatten(1)  # [in, out * kernel]
+            scores.append((w.pow(2).sum(1).sqrt() * self.sumsq[layer].sqrt())[idxs])
+            roots.append(root_idxs)
+        if not scores:
+            return super().__call__(group)
+        return self._normalize(self._reduce(scores, roots), self.normalizer)
+
+
+def importance(name: str, model: nn.Module | None = None, feed: Feed | None = None) -> Any:
     imp = tp.importance
+    if name == "activation":
+        if model is None or feed is None:
+            raise PruneError("activation importance needs calibration batches")
+        return ActivationImportance(model, feed)
     return {
         "l1": lambda: imp.GroupMagnitudeImportance(p=1),
         "l2": lambda: imp.GroupMagnitudeImportance(p=2),
@@ -60,12 +134,13 @@ def attention_modules(model: nn.Module) -> list[tuple[nn.Module, str, list[nn.Li
 
 
 def leaf_order(model: nn.Module, example: torch.Tensor) -> list[str]:
-    """Names of the Conv/Linear modules in the order the forward pass calls them."""
+    """Names of the Conv/Linear/Embedding modules in the order the forward pass calls them (a
+    token model's first layer is its embedding, not the first projection of its first block)."""
     names = {m: n for n, m in model.named_modules()}
     order: list[str] = []
     hooks = [m.register_forward_hook(lambda m, i, o: order.append(names[m]))
              for m in model.modules() if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d
-                                                    | nn.Linear)]
+                                                    | nn.Linear | nn.Embedding)]
     try:
         with torch.no_grad():
             call(model.eval(), example)
@@ -83,9 +158,10 @@ def count(model: nn.Module, example: torch.Tensor) -> tuple[float, int]:
 def make_pruner(model: nn.Module, example: torch.Tensor, *, criterion: str, ratio: float,
                 steps: int, ignored: list[str], global_ranking: bool,
                 max_layer_ratio: float, round_to: int | None, heads: bool,
-                ratios: dict[str, float] | None = None) -> Any:
+                ratios: dict[str, float] | None = None, feed: Feed | None = None) -> Any:
     """A torch-pruning MetaPruner; `ratios` (a group's root layer name -> ratio) prunes those
-    groups at their own ratios and every other group at `ratio`."""
+    groups at their own ratios and every other group at `ratio`; `feed` runs the calibration
+    batches that criterion 'activation' measures."""
     attn = attention_modules(model) if heads else []
     num_heads = {layer: getattr(mod, attr) for mod, attr, layers in attn for layer in layers}
     modules = dict(model.named_modules())
@@ -93,7 +169,8 @@ def make_pruner(model: nn.Module, example: torch.Tensor, *, criterion: str, rati
     # expects q/k/v Linear layers and fails on the fused in_proj (torch-pruning 1.6).
     try:
         return tp.pruner.MetaPruner(
-            model, example, importance=importance(criterion), pruning_ratio=ratio,
+            model, example, importance=importance(criterion, model, feed),
+            pruning_ratio=ratio,
             iterative_steps=steps, ignored_layers=[modules[n] for n in ignored],
             global_pruning=global_ranking,
             pruning_ratio_dict={modules[n]: r for n, r in (ratios or {}).items()} or None,
@@ -162,9 +239,13 @@ def step(pruner: Any, model: nn.Module, check: Callable[[], None] | None = None)
                 raise
             except Exception as e:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                # The layers whose outputs the group prunes: ignoring any one of them skips
+                # the group. Those it prunes only the inputs of (the next Linear reading a
+                # transformer's hidden states) root groups of their own that may be safe.
                 members = [names[d.target.module] for d, _ in group
                            if isinstance(d.target.module, nn.Module)
                            and d.target.module in names and names[d.target.module]
+                           and pruner.DG.is_out_channel_pruning_fn(d.handler)
                            and any(True for _ in d.target.module.parameters(recurse=False))]
                 raise UnsafeGroup(names.get(group[0].dep.target.module, "?"),
                                   f"{type(e).__name__}: {first}"[:200],

@@ -144,11 +144,14 @@ class PruneConfig(MeasuredBudget):
         None, gt=0, lt=1,
         description="Prune until the model keeps this fraction of its parameters.",
     )
-    importance: Literal["l1", "l2", "taylor", "lamp", "bn_scale", "fpgm"] = Field(
+    importance: Literal["l1", "l2", "taylor", "activation", "lamp", "bn_scale", "fpgm"] = Field(
         "l2",
         description=(
             "How channels are ranked: weight magnitude (l1, l2), first-order Taylor (gradient x "
-            "weight on training batches), LAMP, BatchNorm scale, or FPGM (geometric median)."
+            "weight on training batches), activation (how much each channel feeds the layers "
+            "reading it on training batches: input RMS x weight norm, the Wanda and Minitron "
+            "criterion; best for transformers' heads and MLP units), LAMP, BatchNorm scale, or "
+            "FPGM (geometric median)."
         ),
     )
     global_ranking: bool = Field(
@@ -182,7 +185,8 @@ class PruneConfig(MeasuredBudget):
         ),
     )
     calibration_batches: int = Field(
-        4, ge=1, description="Training batches whose gradients rank channels for 'taylor'."
+        4, ge=1, description="Training batches that rank channels for 'taylor' (their "
+                             "gradients) and 'activation' (their activations)."
     )
     trace_seconds: int = Field(
         300, ge=5,

@@ -42,6 +42,20 @@ def _taylor_gradients(model: nn.Module, ctx: StageContext, batches: int) -> None
     model.eval()
 
 
+def _calibration_feed(ctx: StageContext, batches: int) -> pruning.Feed:
+    """Runs the first training batches through a model, for 'activation' importance."""
+    from compresskit.train.loop import loader, unpack
+
+    def feed(model: nn.Module) -> None:
+        model.eval()
+        for i, sample in enumerate(loader(ctx.data().train, ctx.config.data.batch_size,
+                                          shuffle=False, seed=ctx.seed)):
+            if i >= batches:
+                break
+            call(model, as_tensors(unpack(sample)[0]))
+    return feed
+
+
 def _empty_layers(model: nn.Module) -> list[str]:
     out = []
     for name, m in model.named_modules():
@@ -96,7 +110,9 @@ def run(cfg: PruneConfig, ctx: StageContext) -> StageResult:
     args: dict[str, Any] = dict(
         criterion=cfg.importance, ignored=ignored, global_ranking=cfg.global_ranking,
         max_layer_ratio=cfg.max_layer_ratio, round_to=round_to if round_to > 1 else None,
-        heads=cfg.heads)
+        heads=cfg.heads,
+        feed=_calibration_feed(ctx, cfg.calibration_batches)
+        if cfg.importance == "activation" else None)
     key, amount = cfg.amount()
     search = {k: v for k, v in args.items() if k != "ignored"}
     before = structure.snapshot(model)
@@ -131,8 +147,12 @@ def run(cfg: PruneConfig, ctx: StageContext) -> StageResult:
             "left_whole": {"(whole model)": str(e)}, "recovery_loss": None})
     except pruning.PruneError as e:
         raise StageError(ctx.name, str(e)) from None
+    by_group: dict[str, list[str]] = {}
     for layer, broken in left_whole.items():
-        ctx.log(f"[yellow]left whole:[/yellow] {layer} (pruning it breaks the forward pass: "
+        by_group.setdefault(broken, []).append(layer)
+    for broken, layers in by_group.items():  # one line per group, not per layer
+        shown = ", ".join(layers[:4]) + (f" and {len(layers) - 4} more" if len(layers) > 4 else "")
+        ctx.log(f"[yellow]left whole:[/yellow] {shown} (pruning them breaks the forward pass: "
                 f"{broken})")
     if key in BUDGETS:
         try:

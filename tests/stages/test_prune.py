@@ -87,6 +87,18 @@ def test_a_group_that_breaks_the_forward_is_left_whole_and_named(tmp_path):
     assert m["after"]["params"] == m["before"]["params"]  # nothing else could be pruned
 
 
+def test_only_the_layers_writing_a_broken_group_are_left_whole(tmp_path):
+    """`fc` reads the group that breaks (body's channels) but writes a group of its own that
+    prunes safely: it is pruned, not left whole with the group it reads."""
+    out = tmp_path / "run"
+    report = run(pipeline("hard_coded_then_mlp", {"ratio": 0.5, "recover": 0, "round_to": 1}),
+                 out)
+    m = report["stages"][1]["metrics"]
+    assert list(m["left_whole"]) == ["body"], m["left_whole"]
+    mods = manifest(out, "01-prune")["structure"]["student"]["edits"][0]["modules"]
+    assert mods["fc"]["attrs"]["out_features"] == 16
+
+
 def test_ignore_pattern_matching_nothing_warns_with_close_names(tmp_path, capsys):
     from rich.console import Console
 
@@ -113,7 +125,7 @@ def test_two_amounts_are_a_config_error(tmp_path):
 
 def test_every_importance_global_ranking_steps_and_round_to(tmp_path):
     out = tmp_path / "run"
-    criteria = ["l1", "taylor", "lamp", "bn_scale", "fpgm"]
+    criteria = ["l1", "taylor", "activation", "lamp", "bn_scale", "fpgm"]
     cfg = pipeline("residual", {"ratio": 0.5, "recover": 0})
     cfg["stages"] = [cfg["stages"][0], *[
         {"type": "prune", "start_from": "teacher", "ratio": 0.5, "importance": c,
@@ -128,10 +140,10 @@ def test_every_importance_global_ranking_steps_and_round_to(tmp_path):
     stages = report["stages"][1:]
     for s in stages:
         assert s["metrics"]["after"]["params"] < s["metrics"]["before"]["params"], s["name"]
-    assert [s["metrics"]["importance"] for s in stages[:5]] == criteria
-    assert stages[6]["metrics"]["steps"] == 2 and stages[6]["metrics"]["recovery_loss"] > 0
+    assert [s["metrics"]["importance"] for s in stages[:6]] == criteria
+    assert stages[7]["metrics"]["steps"] == 2 and stages[7]["metrics"]["recovery_loss"] > 0
     # round_to 8 keeps channel counts multiples of 8 (16 less 30% would be 11).
-    edits = manifest(out, stages[7]["name"])["structure"]["student"]["edits"][0]["modules"]
+    edits = manifest(out, stages[8]["name"])["structure"]["student"]["edits"][0]["modules"]
     assert edits["conv1"]["attrs"]["out_channels"] % 8 == 0
 
 
@@ -155,3 +167,69 @@ def test_round_to_comes_from_the_target_when_not_given(tmp_path):
     assert given["round_to"] == 1 and given["round_to_from"] == "given"
     with pytest.raises(ConfigError, match="unknown target 'phone'"):
         prune(target="phone")
+
+
+def test_activation_importance_prunes_units_that_never_fire(tmp_path):
+    """A hidden unit with the largest weights whose ReLU never fires on the data feeds nothing:
+    weight magnitude keeps it, 'activation' (input RMS x weight norm of the layers reading
+    it) removes it first."""
+    import torch
+
+    from compresskit.backends import pruning
+
+    def model() -> torch.nn.Module:
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3),
+                                  torch.nn.ReLU(), torch.nn.Linear(3, 2))
+        with torch.no_grad():
+            net[0].weight[5] = 10.0 * net[0].weight[5].sign()  # the heaviest unit...
+            net[0].bias[5] = -1000.0  # ...never fires
+        return net
+
+    x = torch.rand(64, 4)
+
+    def kept(criterion: str) -> list[int]:
+        net = model()
+        before = net[0].weight.detach().clone()
+        pruner = pruning.make_pruner(
+            net, x[:1], criterion=criterion, ratio=0.25, steps=1, ignored=["4"],
+            global_ranking=False, max_layer_ratio=0.9, round_to=None, heads=False,
+            feed=lambda m: m(x))
+        pruning.step(pruner, net)
+        return [i for i in range(8) if any(torch.equal(before[i], w) for w in net[0].weight)]
+
+    assert 5 in kept("l2") and 5 not in kept("activation")
+
+
+def test_a_transformer_keeps_its_hidden_width_and_loses_heads_and_mlp_units(tmp_path):
+    """The residual stream of a BERT embedding model is its output width: it stays whole, and
+    the heads and MLP units of every layer, the first included, are pruned."""
+    from tests.stages.test_byo import INPUTS, tiny_bert
+
+    folder = tiny_bert(tmp_path / "bert")
+    cfg = {
+        "name": "bert-prune", "task": "embed",
+        "data": {"source": "text", "kwargs": {"python": "pydoc_data.topics:topics",
+                                              "tokenizer": f"hf:{folder}", "max_length": 16,
+                                              "limit": 120}, "batch_size": 16},
+        "input": [dict(i, shape=[16]) for i in INPUTS],
+        "teacher": {"source": f"hf:{folder}",
+                    "output": {"key": "last_hidden_state", "pool": "mean"}},
+        "stages": [{"type": "prune", "start_from": "teacher", "ratio": 0.5, "round_to": 1,
+                    "importance": "activation", "recover": 0, "latency_runs": 10}],
+    }
+    out = tmp_path / "run"
+    report = api.run(cfg, output_dir=out, show_progress=False)
+    m = report["stages"][0]["metrics"]
+    assert m["after"]["params"] < m["before"]["params"]
+    # The first layer kept whole is the embedding, which writes the hidden width: that group
+    # stays whole, and the projections reading it are still pruned.
+    assert m["kept_whole"][0] == "model.embeddings.word_embeddings", m["kept_whole"]
+    assert "model.encoder.layer.0.intermediate.dense" not in m["left_whole"]
+    mods = manifest(out, "00-prune")["structure"]["student"]["edits"][0]["modules"]
+    for i in (0, 1):
+        layer = f"model.encoder.layer.{i}"
+        assert mods[f"{layer}.intermediate.dense"]["attrs"]["out_features"] == 32
+        assert mods[f"{layer}.attention.self"]["attrs"]["num_attention_heads"] == 2
+        assert f"{layer}.output.dense" not in mods or \
+            mods[f"{layer}.output.dense"]["attrs"].get("out_features", 32) == 32
