@@ -18,7 +18,9 @@ import argparse
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -30,13 +32,33 @@ RELATIONS = "stages.0.losses=[{type: cosine}," + ",".join(
     f"{{type: relations, heads: 12, student: model.encoder.layer.2.attention.self.{p}, "
     f"teacher: model.encoder.layer.5.attention.self.{p}}}"
     for p in ("query", "key", "value")) + "]"
-VARIANTS: dict[str, list[str]] = {
-    "layers 0,4,5; cosine; stdlib text; 1 epoch": [STDLIB, "stages.0.epochs=1"],
-    "layers 0,4,5; cosine + relations; stdlib text; 1 epoch": [
-        STDLIB, "stages.0.epochs=1", RELATIONS, "stages.0.cache_precision=float16"],
-    "layers 0,4,5; cosine; stdlib text; 6 epochs": [STDLIB, "stages.0.epochs=6"],
-    "layers 0,4,5; cosine; stdlib + package docstrings; 1 epoch": ["stages.0.epochs=1"],
-    "layers 0,4,5; cosine; stdlib + package docstrings; 3 epochs (the example)": [],
+FEATURES = ("stages.0.losses=[{type: cosine}, {type: features, loss: cosine, "
+            "student: model.encoder.layer.2, teacher: model.encoder.layer.5}]")
+
+
+def width(importance: str, ratio: float) -> Callable[[dict[str, Any]], None]:
+    """All 6 layers, a share of every layer's heads and MLP units pruned away (the
+    hidden width stays: it is the embedding), then distilled as the example is."""
+    def edit(cfg: dict[str, Any]) -> None:
+        del cfg["student"]
+        cfg["stages"].insert(0, {"type": "prune", "start_from": "teacher", "ratio": ratio,
+                                 "importance": importance, "recover": 0})
+    return edit
+
+
+VARIANTS: dict[str, tuple[list[str], Callable[[dict[str, Any]], None] | None]] = {
+    "layers 0,4,5; cosine; stdlib text; 1 epoch": ([STDLIB, "stages.0.epochs=1"], None),
+    "layers 0,4,5; cosine + relations; stdlib text; 1 epoch": ([
+        STDLIB, "stages.0.epochs=1", RELATIONS, "stages.0.cache_precision=float16"], None),
+    "layers 0,4,5; cosine; stdlib text; 6 epochs": ([STDLIB, "stages.0.epochs=6"], None),
+    "layers 0,4,5; cosine; stdlib + package docstrings; 1 epoch": (["stages.0.epochs=1"], None),
+    "layers 0,4,5; cosine + last layer's tokens; stdlib + package docstrings; 1 epoch": (
+        ["stages.0.epochs=1", FEATURES, "stages.0.cache_precision=float16"], None),
+    "layers 0,4,5; cosine; stdlib + package docstrings; 3 epochs (the example)": ([], None),
+    "6 layers, 3 of 12 heads, 496 of 1536 MLP units (prune, l2); cosine; 1 epoch": (
+        ["stages.1.epochs=1"], width("l2", 0.667)),
+    "6 layers, 3 of 12 heads, 496 of 1536 MLP units (prune, activation); cosine; 1 epoch": (
+        ["stages.1.epochs=1"], width("activation", 0.667)),
 }
 
 
@@ -75,12 +97,21 @@ def main() -> None:
     x, texts = held_out()
     teacher = None
     rows = []
-    for name, overrides in VARIANTS.items():
+    import yaml
+
+    for name, (overrides, edit) in VARIANTS.items():
         if args.only and not any(k in name for k in args.only):
             continue
         folder = args.out / slug(name)
         if not (folder / "report.json").exists():
-            cmd = [sys.executable, "-m", "compresskit", "run", "pipelines/minilm.yaml",
+            pipeline = ROOT / "pipelines" / "minilm.yaml"
+            if edit is not None:  # a pipeline of another shape: written beside its run
+                cfg = yaml.safe_load(pipeline.read_text())
+                edit(cfg)
+                folder.mkdir(parents=True, exist_ok=True)
+                pipeline = folder / "pipeline.yaml"
+                pipeline.write_text(yaml.safe_dump(cfg, sort_keys=False))
+            cmd = [sys.executable, "-m", "compresskit", "run", str(pipeline),
                    *overrides, "-o", str(folder)]
             print("$", " ".join(cmd[1:]), flush=True)
             subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
@@ -92,13 +123,13 @@ def main() -> None:
         fp32 = bench[("artifacts/teacher.fp32.onnx", 128)]
         out = quality.score("embed", embed(folder / "artifacts" / "student.ptq.int8.onnx", x),
                             teacher)
-        distill = report["stages"][0]
-        rows.append((name, distill.get("computed_seconds") or distill["seconds"],
+        trained = [st for st in report["stages"] if st["type"] in ("prune", "distill")]
+        rows.append((name, sum(st.get("computed_seconds") or st["seconds"] for st in trained),
                      int8["cosine"], int8["nn_agreement"], out["cosine"], out["nn_agreement"],
                      fp32["latency_ms"]["p50"] / int8["latency_ms"]["p50"]))
     print(f"\nINT8 students; out of domain: the same {len(texts)} package-description "
           "sentences for all; speed at length 128, batch 1, 1 thread")
-    print("| recipe | distill s | cosine, own test | NN, own test | cosine, packages | "
+    print("| recipe | prune + distill s | cosine, own test | NN, own test | cosine, packages | "
           "NN, packages | x FP32 teacher |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
