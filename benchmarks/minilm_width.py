@@ -19,10 +19,8 @@ from __future__ import annotations
 import argparse
 import copy
 import random
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from minilm_graphs import Pooled  # noqa: E402
+from minilm_graphs import Pooled, median_ms  # noqa: E402
 
 from compresskit.backends import pruning  # noqa: E402
 from compresskit.backends.device_runner import device_info  # noqa: E402
@@ -132,26 +130,15 @@ def main() -> None:
         opts.intra_op_num_threads = opts.inter_op_num_threads = 1
         sessions = {k: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
                     for k, p in files.items()}
-        feeds = {"input_ids": np.random.default_rng(1).integers(1000, 20000, (1, 128)),
-                 "attention_mask": np.ones((1, 128), np.int64)}
-        times: dict[object, list[float]] = {k: [] for k in sessions}
-        for sess in sessions.values():
-            for _ in range(5):
-                sess.run(None, feeds)
-        for _ in range(args.rounds):  # interleaved: each round times every file once
-            for k, sess in sessions.items():
-                start = time.perf_counter()
-                for _ in range(3):
-                    sess.run(None, feeds)
-                times[k].append((time.perf_counter() - start) / 3 * 1000)
-    base = statistics.median(times["teacher fp32"])
+        times = median_ms(sessions, 128, args.rounds)
+    base = times["teacher fp32"]
     print(f"\nBefore training; INT8 speed at length 128 against the FP32 teacher "
           f"({base:.1f} ms), batch 1, one thread, median of {args.rounds} interleaved rounds")
     print("| student (dynamic INT8) | ranked by | x FP32 teacher | cosine, packages | "
           "NN, packages |")
     print("| --- | --- | --- | --- | --- |")
     for i, (shape, criterion, s) in enumerate(rows):
-        print(f"| {shape} | {criterion} | {base / statistics.median(times[i]):.2f}x | "
+        print(f"| {shape} | {criterion} | {base / times[i]:.2f}x | "
               f"{s['cosine']:.4f} | {s['nn_agreement']:.3f} |")
 
 
