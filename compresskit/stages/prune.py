@@ -8,6 +8,7 @@ on one-shot trial prunes, then applied in `steps` slices with recovery in betwee
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -25,18 +26,24 @@ from compresskit.stages._budget import LEVELS, BudgetPruner, stage_target
 from compresskit.stages._shrink import Shrink, first_and_last
 
 
-def _taylor_gradients(model: nn.Module, ctx: StageContext, batches: int) -> None:
-    """Gradients of the cross-entropy on the first training batches, for Taylor importance;
-    on unlabelled data, against the model's own top-1 predictions."""
+def _first_batches(ctx: StageContext, batches: int) -> Iterator[tuple[Any, Any]]:
+    """(inputs, labels or None) of the first training batches, in order."""
     from compresskit.train.loop import loader, unpack
 
-    model.train().zero_grad()
     for i, sample in enumerate(loader(ctx.data().train, ctx.config.data.batch_size,
                                       shuffle=False, seed=ctx.seed)):
         if i >= batches:
             break
         x, y = unpack(sample)
-        logits = call(model, as_tensors(x))
+        yield as_tensors(x), y
+
+
+def _taylor_gradients(model: nn.Module, ctx: StageContext, batches: int) -> None:
+    """Gradients of the cross-entropy on the first training batches, for Taylor importance;
+    on unlabelled data, against the model's own top-1 predictions."""
+    model.train().zero_grad()
+    for x, y in _first_batches(ctx, batches):
+        logits = call(model, x)
         target = torch.as_tensor(y) if y is not None else logits.detach().argmax(dim=1)
         torch.nn.functional.cross_entropy(logits, target).backward()
     model.eval()
@@ -44,15 +51,10 @@ def _taylor_gradients(model: nn.Module, ctx: StageContext, batches: int) -> None
 
 def _calibration_feed(ctx: StageContext, batches: int) -> pruning.Feed:
     """Runs the first training batches through a model, for 'activation' importance."""
-    from compresskit.train.loop import loader, unpack
-
     def feed(model: nn.Module) -> None:
         model.eval()
-        for i, sample in enumerate(loader(ctx.data().train, ctx.config.data.batch_size,
-                                          shuffle=False, seed=ctx.seed)):
-            if i >= batches:
-                break
-            call(model, as_tensors(unpack(sample)[0]))
+        for x, _ in _first_batches(ctx, batches):
+            call(model, x)
     return feed
 
 
