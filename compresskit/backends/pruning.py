@@ -167,10 +167,10 @@ def make_pruner(model: nn.Module, example: torch.Tensor, *, criterion: str, rati
     modules = dict(model.named_modules())
     # nn.MultiheadAttention is left to torch-pruning's own MHA pruner: its head pruning
     # expects q/k/v Linear layers and fails on the fused in_proj (torch-pruning 1.6).
+    scorer = importance(criterion, model, feed)  # our own error, not a tracing failure
     try:
         return tp.pruner.MetaPruner(
-            model, example, importance=importance(criterion, model, feed),
-            pruning_ratio=ratio,
+            model, example, importance=scorer, pruning_ratio=ratio,
             iterative_steps=steps, ignored_layers=[modules[n] for n in ignored],
             global_pruning=global_ranking,
             pruning_ratio_dict={modules[n]: r for n, r in (ratios or {}).items()} or None,
