@@ -76,9 +76,16 @@ def _time_layers(model: nn.Module, example: Any, pairs: dict[str, tuple[nn.Modul
 
     seen: dict[str, torch.Tensor] = {}
     modules = dict(model.named_modules())
-    hooks = [modules[name].register_forward_pre_hook(
-        lambda m, args, name=name: seen.setdefault(name, args[0].detach()[:1].clone()))
-        for name in pairs]
+
+    def record(name: str) -> Any:
+        # The input as the layer gets it from a batch-1 forward (its leading dimension need not
+        # be the batch: MobileViT feeds its attention patches x tokens). The hook returns None:
+        # a forward pre-hook's return value replaces the layer's input.
+        def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
+            seen.setdefault(name, args[0].detach().clone())
+        return hook
+
+    hooks = [modules[name].register_forward_pre_hook(record(name)) for name in pairs]
     try:
         with torch.no_grad():
             call(model.eval(), example)

@@ -89,3 +89,32 @@ def test_a_factorised_layer_is_kept_only_where_onnxruntime_runs_it_faster(tmp_pa
         assert spec["timing"]["speedup"] >= 1.0, (name, spec)
     slower = {k: v for k, v in m["kept"].items() if "slower" in v}
     assert set(m["factorized"]) | set(slower) == {"fc1", "fc2", "fc3"}, m["kept"]
+
+
+def test_timing_leaves_the_models_forward_alone_where_a_layer_sees_patches(tmp_path: Path):
+    """A layer whose input's leading dimension is not the batch (MobileViT feeds its attention
+    patches x tokens): recording that input to time the layer alone must not change what the
+    layer gets. A pre-hook that returned the recorded slice fed it one patch and broke timm's
+    mobilevit_xxs at its next reshape."""
+    import torch
+    from torch import nn
+
+    from compresskit.ops import lowrank as lr
+    from compresskit.stages.lowrank import _time_layers
+
+    class Patches(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 64)
+            self.head = nn.Linear(8 * 64, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b = x.shape[0]
+            tokens = self.fc(x.reshape(b * 2, 4, 8))  # 2 patches of 4 tokens per sample
+            return self.head(tokens.reshape(b, -1))  # type: ignore[no-any-return]
+
+    torch.manual_seed(0)
+    model = Patches()
+    t = _time_layers(model, torch.randn(1, 1, 8, 8),
+                     {"fc": (model.fc, lr.factorize_linear(model.fc, 4))}, tmp_path / "l", 10)
+    assert set(t) == {"fc"} and t["fc"]["whole_ms"] > 0
