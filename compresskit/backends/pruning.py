@@ -230,7 +230,10 @@ def step(pruner: Any, model: nn.Module, check: Callable[[], None] | None = None)
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise TraceError(f"torch-pruning failed while pruning ({type(e).__name__}: "
                              f"{first})") from None
+        extras = _extra_outputs(pruner, group)
         group.prune()
+        for layer, name, keep in extras:
+            _index_tensor(layer, name, keep)
         _follow_heads(pruner, model)
         if check is not None:
             try:
@@ -250,6 +253,40 @@ def step(pruner: Any, model: nn.Module, check: Callable[[], None] | None = None)
                 raise UnsafeGroup(names.get(group[0].dep.target.module, "?"),
                                   f"{type(e).__name__}: {first}"[:200],
                                   list(dict.fromkeys(members))) from None
+
+
+WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _extra_outputs(pruner: Any, group: Any) -> list[tuple[nn.Module, str, list[int]]]:
+    """Per-output-channel tensors that a Linear or conv subclass keeps beside its weight and
+    bias (timm's ScaledStdConv2d `gain` in NF-Nets, shaped [out, 1, 1, 1]), and the channels
+    of each that the group keeps: torch-pruning prunes only weight and bias of the layers it
+    knows, so the layer's forward would fail on the next batch."""
+    found = []
+    for dep, idxs in group:
+        layer = dep.target.module
+        if type(layer) in WEIGHTED or not isinstance(layer, WEIGHTED) \
+                or not pruner.DG.is_out_channel_pruning_fn(dep.handler):
+            continue
+        out = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+        keep = sorted(set(range(out)) - {int(i) for i in idxs})
+        for name, t in [*layer._parameters.items(), *layer._buffers.items()]:
+            if name not in ("weight", "bias") and t is not None and t.dim() >= 1 \
+                    and t.shape[0] == out:
+                found.append((layer, name, keep))
+    return found
+
+
+def _index_tensor(layer: nn.Module, name: str, keep: list[int]) -> None:
+    index = torch.tensor(keep, dtype=torch.long)
+    if name in layer._parameters:
+        old = layer._parameters[name]
+        assert old is not None
+        layer._parameters[name] = nn.Parameter(old.data.index_select(0, index).clone(),
+                                               requires_grad=old.requires_grad)
+    else:
+        layer._buffers[name] = layer._buffers[name].index_select(0, index).clone()  # type: ignore[union-attr]
 
 
 def _follow_heads(pruner: Any, model: nn.Module) -> None:

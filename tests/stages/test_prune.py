@@ -201,6 +201,46 @@ def test_activation_importance_prunes_units_that_never_fire(tmp_path):
     assert 5 in kept("l2") and 5 not in kept("activation")
 
 
+def test_a_convs_own_per_channel_gain_follows_its_pruned_channels(tmp_path):
+    """A Conv2d subclass with a per-output-channel parameter beside weight and bias (timm's
+    ScaledStdConv2d `gain` in NF-Nets): torch-pruning prunes weight and bias only, and the
+    next forward failed ("weight should contain 12 elements not 16"); the gain now keeps the
+    same channels, and the structure edit replays it on a fresh model."""
+    import torch
+    from torch import nn
+
+    from compresskit.backends import pruning
+    from compresskit.models import structure
+
+    class GainConv(nn.Conv2d):
+        def __init__(self, cin: int, cout: int) -> None:
+            super().__init__(cin, cout, 3, padding=1)
+            self.gain = nn.Parameter(torch.rand(cout, 1, 1, 1) + 0.5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            w = nn.functional.batch_norm(self.weight.reshape(1, self.out_channels, -1), None,
+                                         None, weight=self.gain.view(-1), training=True)
+            return self._conv_forward(x, w.reshape_as(self.weight), self.bias)
+
+    def model() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(GainConv(3, 16), nn.ReLU(), GainConv(16, 16), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
+
+    net = model()
+    x = torch.rand(2, 3, 8, 8)
+    before = structure.snapshot(net)
+    pruner = pruning.make_pruner(
+        net, x[:1], criterion="l2", ratio=0.25, steps=1, ignored=["6"], global_ranking=False,
+        max_layer_ratio=0.9, round_to=None, heads=False)
+    pruning.step(pruner, net)
+    assert net[0].out_channels == 12 and net[0].gain.shape == (12, 1, 1, 1)
+    out = net(x)
+    rebuilt = structure.apply(model(), [structure.reshape_edit(before, structure.snapshot(net))])
+    rebuilt.load_state_dict(net.state_dict())
+    assert torch.equal(rebuilt(x), out)
+
+
 def test_a_transformer_keeps_its_hidden_width_and_loses_heads_and_mlp_units(tmp_path):
     """The residual stream of a BERT embedding model is its output width: it stays whole, and
     the heads and MLP units of every layer, the first included, are pruned."""
