@@ -169,7 +169,7 @@ def make_pruner(model: nn.Module, example: torch.Tensor, *, criterion: str, rati
     # expects q/k/v Linear layers and fails on the fused in_proj (torch-pruning 1.6).
     scorer = importance(criterion, model, feed)  # our own error, not a tracing failure
     try:
-        return tp.pruner.MetaPruner(
+        pruner = tp.pruner.MetaPruner(
             model, example, importance=scorer, pruning_ratio=ratio,
             iterative_steps=steps, ignored_layers=[modules[n] for n in ignored],
             global_pruning=global_ranking,
@@ -182,6 +182,40 @@ def make_pruner(model: nn.Module, example: torch.Tensor, *, criterion: str, rati
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
                          "Add the module that fails to 'ignore', or prune a model without "
                          "data-dependent control flow") from None
+    _unsafe_when_unscored(pruner, model)
+    return pruner
+
+
+def _unsafe_when_unscored(pruner: Any, model: nn.Module) -> None:
+    """A group whose channels torch-pruning cannot score (its index mapping through a concat or
+    split points past a layer's width: timm's efficientvit_b0, "index 792 is out of bounds for
+    dimension 0 with size 192") raises UnsafeGroup naming it, as a group that breaks the
+    forward does, instead of failing the whole step: `unsafe_layers` then leaves that group
+    whole and prunes the others."""
+    names = {m: n for n, m in model.named_modules()}
+    score = pruner.estimate_importance
+
+    def estimate(group: Any) -> Any:
+        try:
+            return score(group)
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UnsafeGroup(names.get(group[0].dep.target.module, "?"),
+                              f"torch-pruning cannot score its channels ({type(e).__name__}: "
+                              f"{first})"[:200], _writers(pruner, group, names)) from None
+
+    pruner.estimate_importance = estimate
+
+
+def _writers(pruner: Any, group: Any, names: dict[nn.Module, str]) -> list[str]:
+    """The layers whose outputs the group prunes: ignoring any one of them skips the group.
+    Those it prunes only the inputs of (the next Linear reading a transformer's hidden states)
+    root groups of their own that may be safe."""
+    return list(dict.fromkeys(
+        names[d.target.module] for d, _ in group
+        if isinstance(d.target.module, nn.Module) and d.target.module in names
+        and names[d.target.module] and pruner.DG.is_out_channel_pruning_fn(d.handler)
+        and any(True for _ in d.target.module.parameters(recurse=False))))
 
 
 @contextlib.contextmanager
@@ -226,6 +260,8 @@ def step(pruner: Any, model: nn.Module, check: Callable[[], None] | None = None)
             group = next(groups)
         except StopIteration:
             break
+        except UnsafeGroup:
+            raise
         except Exception as e:  # torch-pruning's own failure on this model
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise TraceError(f"torch-pruning failed while pruning ({type(e).__name__}: "
@@ -242,17 +278,9 @@ def step(pruner: Any, model: nn.Module, check: Callable[[], None] | None = None)
                 raise
             except Exception as e:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                # The layers whose outputs the group prunes: ignoring any one of them skips
-                # the group. Those it prunes only the inputs of (the next Linear reading a
-                # transformer's hidden states) root groups of their own that may be safe.
-                members = [names[d.target.module] for d, _ in group
-                           if isinstance(d.target.module, nn.Module)
-                           and d.target.module in names and names[d.target.module]
-                           and pruner.DG.is_out_channel_pruning_fn(d.handler)
-                           and any(True for _ in d.target.module.parameters(recurse=False))]
                 raise UnsafeGroup(names.get(group[0].dep.target.module, "?"),
                                   f"{type(e).__name__}: {first}"[:200],
-                                  list(dict.fromkeys(members))) from None
+                                  _writers(pruner, group, names)) from None
 
 
 WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)

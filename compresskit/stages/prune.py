@@ -154,8 +154,7 @@ def run(cfg: PruneConfig, ctx: StageContext) -> StageResult:
         by_group.setdefault(broken, []).append(layer)
     for broken, layers in by_group.items():  # one line per group, not per layer
         shown = ", ".join(layers[:4]) + (f" and {len(layers) - 4} more" if len(layers) > 4 else "")
-        ctx.log(f"[yellow]left whole:[/yellow] {shown} (pruning them breaks the forward pass: "
-                f"{broken})")
+        ctx.log(f"[yellow]left whole:[/yellow] {shown} (unsafe to prune: {broken})")
     if key in BUDGETS:
         try:
             return _to_budget(cfg, ctx, job, args, key, amount, before, keep, left_whole,
@@ -166,7 +165,11 @@ def run(cfg: PruneConfig, ctx: StageContext) -> StageResult:
     for i in range(cfg.steps):
         if cfg.importance == "taylor":
             _taylor_gradients(model, ctx, cfg.calibration_batches)
-        pruning.step(pruner, model)
+        try:
+            pruning.step(pruner, model)
+        except (pruning.UnsafeGroup, pruning.TraceError) as e:  # one the l2 trial did not meet
+            raise StageError(ctx.name, f"pruning by {cfg.importance} failed ({e}); add the "
+                             "group's layers to 'ignore', or use importance: l2") from None
         model.zero_grad(set_to_none=True)
         empty = _empty_layers(model)
         if empty:

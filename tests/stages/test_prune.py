@@ -241,6 +241,45 @@ def test_a_convs_own_per_channel_gain_follows_its_pruned_channels(tmp_path):
     assert torch.equal(rebuilt(x), out)
 
 
+def test_a_group_torch_pruning_cannot_score_is_left_whole_and_the_others_pruned(monkeypatch):
+    """torch-pruning maps some groups' channels past a layer's width when it scores them
+    (timm's efficientvit_b0: "index 792 is out of bounds for dimension 0 with size 192"), which
+    left the whole model unpruned. Now that group alone is left whole, named, and the rest
+    pruned."""
+    import torch
+    import torch_pruning as tp
+    from torch import nn
+
+    from compresskit.backends import pruning
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.ReLU(),
+                        nn.Conv2d(16, 16, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(16, 4))
+    net[2].unscoreable = True  # unsafe_layers tries on copies
+    real = pruning.importance
+
+    def unscoreable(name, model=None, feed=None):
+        scorer = real(name, model, feed)
+
+        class Flaky(tp.importance.Importance):
+            def __call__(self, group):
+                if getattr(group[0].dep.target.module, "unscoreable", False):
+                    raise IndexError("index 792 is out of bounds for dimension 0 with size 192")
+                return scorer(group)
+        return Flaky()
+
+    monkeypatch.setattr(pruning, "importance", unscoreable)
+    x = torch.rand(1, 3, 12, 12)
+    args = dict(criterion="l2", global_ranking=False, max_layer_ratio=0.9, round_to=None,
+                heads=False)
+    found = pruning.unsafe_layers(net, x, 0.25, ["8"], **args)
+    assert list(found) == ["2"] and "cannot score its channels (IndexError" in found["2"]
+    pruner = pruning.make_pruner(net, x, ratio=0.25, steps=1, ignored=["8", *found], **args)
+    pruning.step(pruner, net)
+    assert [net[i].out_channels for i in (0, 2, 4)] == [12, 16, 12]
+
+
 def test_a_transformer_keeps_its_hidden_width_and_loses_heads_and_mlp_units(tmp_path):
     """The residual stream of a BERT embedding model is its output width: it stays whole, and
     the heads and MLP units of every layer, the first included, are pruned."""
