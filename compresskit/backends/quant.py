@@ -152,6 +152,18 @@ def _squeeze_excite_quantized() -> Iterator[None]:
         PatternsManager._get_backend_ignored_patterns_map = original  # type: ignore[method-assign]
 
 
+def is_transformer(model: nn.Module) -> bool:
+    """Whether NNCF's transformer scheme fits: a LayerNorm or an RMSNorm (Llama, Mistral,
+    Qwen and T5 spell their own: LlamaRMSNorm, T5LayerNorm), or torch's MultiheadAttention.
+    Without it NNCF quantizes a causal LM's mask arithmetic too (Llama: the -3.4e38 of the
+    causal mask through a quantizer, and the loss is nan from the first step)."""
+    for m in model.modules():
+        if isinstance(m, nn.LayerNorm | nn.MultiheadAttention) or \
+                type(m).__name__.endswith(("RMSNorm", "LayerNorm")):
+            return True
+    return False
+
+
 def nncf_quantize(model: nn.Module, batches: list[torch.Tensor], *, preset: str,
                   ignore: list[str], overflow_fix: bool, per_channel: bool) -> nn.Module:
     nncf = _nncf()
@@ -168,7 +180,7 @@ def nncf_quantize(model: nn.Module, batches: list[torch.Tensor], *, preset: str,
         if ignore else None
     # NNCF's transformer scheme quantizes the Linear layers' and attention's matmuls and leaves
     # what only feeds masks and positions alone (BERT's integer attention-mask arithmetic).
-    transformer = any(isinstance(m, nn.LayerNorm) for m in model.modules())
+    transformer = is_transformer(model)
     try:
         with _quietly(), _squeeze_excite_quantized():  # NNCF's progress bars, unless --verbose
             return nncf.quantize(
@@ -366,6 +378,34 @@ def unsigned_activations(path: Path) -> int:
 
 
 WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
+
+
+def shapes_past_quantizers(path: Path) -> int:
+    """A Shape (or Size) reading a tensor that a QuantizeLinear also reads now reads the
+    quantized tensor (the same shape): onnxruntime fuses DQ -> MatMul -> Q into one integer
+    kernel only when the quantizer is the MatMul's sole consumer. HF LeViT flattens each
+    Linear's output for its BatchNorm1d and reshapes back by the output's own shape, and 27 of
+    its MatMuls ran in float (35% of the MACs in integer kernels). Returns how many moved."""
+    model = onnx.load(str(path))
+    moved = _shapes_past_quantizers(model)
+    if moved:
+        onnx.save(model, str(path))
+    return moved
+
+
+def _shapes_past_quantizers(model: onnx.ModelProto) -> int:
+    consumers = _consumers(model)
+    moved = 0
+    for tensor, readers in consumers.items():
+        q = next((n for n in readers if n.op_type == "QuantizeLinear" and n.input[0] == tensor),
+                 None)
+        if q is None:
+            continue
+        for n in readers:
+            if n.op_type in ("Shape", "Size") and n.input[0] == tensor:
+                n.input[0] = q.output[0]
+                moved += 1
+    return moved
 
 
 def close_qdq(path: Path, batches: list[Any]) -> list[str]:
@@ -830,6 +870,7 @@ def ptq(fp32: Path, out: Path, batches: list[Any], *, per_channel: bool,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             per_channel=per_channel, reduce_range=reduce_range)
     model = onnx.load(str(out))
+    _shapes_past_quantizers(model)
     _compact(model)
     onnx.save(model, str(out))
 

@@ -172,6 +172,7 @@ def _write(cfg: QatConfig, ctx: StageContext, model: torch.nn.Module, x: Any, y:
     # ... then quantizers NNCF did not place are added, and `publish` checks that onnxruntime's
     # integer kernels compute what the final graph says.
     closed = quant.close_qdq(staged, batches)
+    quant.shapes_past_quantizers(staged)
     method = ("qat+kd" if cfg.kd_from == "teacher" else "qat+self-kd") if cfg.distill else "qat"
     metric = quality.primary(ctx.config.task)
     fallback = hold_drop(ctx, cfg, staged, fp32_path, fp32[metric], x, y, batches,
