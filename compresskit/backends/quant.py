@@ -861,19 +861,44 @@ def ptq(fp32: Path, out: Path, batches: list[Any], *, per_channel: bool,
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+        excluded = _shape_only_nodes(pre)
         if dynamic:
             quantize_dynamic(str(pre), str(out), weight_type=QuantType.QInt8,
                              per_channel=per_channel, reduce_range=reduce_range,
-                             op_types_to_quantize=["MatMul", "Gemm", "Gather"])
+                             op_types_to_quantize=["MatMul", "Gemm", "Gather"],
+                             nodes_to_exclude=excluded)
         else:
             quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            per_channel=per_channel, reduce_range=reduce_range)
+                            per_channel=per_channel, reduce_range=reduce_range,
+                            nodes_to_exclude=excluded)
     model = onnx.load(str(out))
     _shapes_past_quantizers(model)
     _compact(model)
     onnx.save(model, str(out))
 
+
+
+def _shape_only_nodes(path: Path) -> list[str]:
+    """The nodes whose outputs depend on no input's values, only on shapes and constants
+    (position ids and relative-position buckets); they are named in the file if they were
+    not. Calibrating them quantizes arithmetic that runs once per shape and may hold
+    infinities: HF MPNet's relative-position buckets take log(0) = -inf where a Where then
+    picks the other branch; calibrated, the quantizer's scale was infinite, every bucket a
+    NaN cast to int64, and onnxruntime's Gather refused index -9223372036854775784."""
+    model = onnx.load(str(path))
+    live = {i.name for i in model.graph.input}
+    out = []
+    for k, n in enumerate(model.graph.node):
+        if n.op_type not in ("Shape", "Size") and any(i in live for i in n.input):
+            live.update(n.output)
+        elif n.op_type not in ("Shape", "Size", "Constant"):
+            if not n.name:
+                n.name = f"compresskit_shape_only_{k}"
+            out.append(n.name)
+    if any(name.startswith("compresskit_shape_only_") for name in out):
+        onnx.save(model, str(path))
+    return out
 
 
 # -- float fallback (max_drop) ----------------------------------------------------------------

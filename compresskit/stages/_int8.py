@@ -45,7 +45,12 @@ def onnx_logits(path: Path, x: Any, *, simulate: bool = False) -> np.ndarray:
     if simulate:
         target = dataclasses.replace(target, optimization="disable")
     sess = ort_backend.session(path, target, threads=1)
-    return ort_backend.predict(sess, x, 256).astype(np.float32)
+    try:
+        return ort_backend.predict(sess, x, 256).astype(np.float32)
+    except Exception as e:  # onnxruntime's own errors: a file it loads but cannot run
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ort_backend.ModelFileError(f"onnxruntime cannot run {path.name}: {first}"
+                                         ) from None
 
 
 def agreement(logits: np.ndarray, reference: np.ndarray, tol: float | None) -> dict[str, Any]:

@@ -7,6 +7,7 @@ combination onnxruntime fuses into integer kernels on x86 without VNNI (shared/f
 from __future__ import annotations
 
 from compresskit.backends import quant
+from compresskit.backends.ort import ModelFileError
 from compresskit.config import PtqConfig
 from compresskit.engine.context import StageContext, StageResult
 from compresskit.errors import StageError
@@ -33,16 +34,20 @@ def run(cfg: PtqConfig, ctx: StageContext) -> StageResult:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise StageError(ctx.name, f"onnxruntime could not quantize {source['path']} "
                                    f"({type(e).__name__}: {first})") from None
-    reference = onnx_logits(fp32, x)
-    fp32_scores = profile.score(ctx, reference, y)
-    fallback = hold_drop(ctx, cfg, staged, fp32, fp32_scores[quality.primary(ctx.config.task)],
-                         x, y, batches)
-    metrics, artifact = publish(
-        ctx, cfg, staged, f"artifacts/{cfg.model}.ptq.int8.onnx", fp32, x, y,
-        {"method": "ptq", "dynamic": cfg.dynamic,
-         **{f"fp32_{k}": v for k, v in fp32_scores.items()},
-         "eval_split": ctx.data().eval_name,
-         **({"float_fallback": fallback} if fallback else {})},
-        reference=reference)
+    try:
+        reference = onnx_logits(fp32, x)
+        fp32_scores = profile.score(ctx, reference, y)
+        fallback = hold_drop(ctx, cfg, staged, fp32,
+                             fp32_scores[quality.primary(ctx.config.task)], x, y, batches)
+        metrics, artifact = publish(
+            ctx, cfg, staged, f"artifacts/{cfg.model}.ptq.int8.onnx", fp32, x, y,
+            {"method": "ptq", "dynamic": cfg.dynamic,
+             **{f"fp32_{k}": v for k, v in fp32_scores.items()},
+             "eval_split": ctx.data().eval_name,
+             **({"float_fallback": fallback} if fallback else {})},
+            reference=reference)
+    except ModelFileError as e:
+        raise StageError(ctx.name, f"{e}; nothing was written (dynamic: true quantizes only "
+                         "the weights of MatMul, Gemm and Gather)") from None
     artifact["model"] = cfg.model
     return StageResult(metrics=metrics, artifacts=[artifact])

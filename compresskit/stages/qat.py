@@ -85,7 +85,10 @@ def run(cfg: QatConfig, ctx: StageContext) -> StageResult:
         kept = _budget_weights(cfg.max_drop, cfg, ctx, model, calibrated, x, y) or kept
     ranks = dist.world_size()
     with dist.alone():
-        result = _write(cfg, ctx, model, x, y, folded, batches, loss)
+        try:
+            result = _write(cfg, ctx, model, x, y, folded, batches, loss)
+        except ModelFileError as e:
+            raise StageError(ctx.name, f"{e}; nothing was written") from None
     result.metrics["trained_on_ranks"] = ranks
     if kept is not None:
         result.metrics["kept_weights"] = kept

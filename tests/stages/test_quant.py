@@ -373,3 +373,43 @@ def test_a_shape_read_beside_the_quantizer_no_longer_keeps_a_matmul_float(tmp_pa
     assert float_matmuls() == 0
     after = ort.InferenceSession(str(path)).run(None, x)[0]
     assert after.shape == before.shape and np.allclose(after, before, atol=0.5)
+
+
+def test_ptq_leaves_shape_only_arithmetic_float(tmp_path):
+    """Relative-position buckets computed from shapes alone (HF MPNet: log(0) = -inf on a
+    branch a Where discards): calibrated, the quantizer's scale was infinite, the buckets NaN
+    cast to int64, and onnxruntime's Gather refused the file. Nodes that depend on no input's
+    values are not quantized."""
+    import math
+
+    import onnxruntime as ort
+    import torch
+    from torch import nn
+
+    from compresskit.backends import quant
+    from compresskit.backends.onnx_export import export_onnx
+
+    class Buckets(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bias = nn.Embedding(8, 1)
+            self.fc = nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            pos = torch.arange(x.shape[1], device=x.device)
+            n = (pos[None, :] - pos[:, None] + x.shape[0] * 0).abs()
+            large = 2 + (torch.log(n.float() / 2) / math.log(4) * 2).to(torch.long)
+            buckets = torch.where(n < 2, n, torch.clamp(large, max=7))
+            weights = torch.softmax(self.bias(buckets).squeeze(-1), -1)
+            return self.fc((weights @ x).mean(1))  # type: ignore[no-any-return]
+
+    torch.manual_seed(0)
+    model = Buckets().eval()
+    x = torch.randn(4, 6, 16)
+    fp32, int8 = tmp_path / "b.onnx", tmp_path / "b.int8.onnx"
+    export_onnx(model, x[:2], fp32, 17)
+    quant.ptq(fp32, int8, [x.numpy()], per_channel=True, reduce_range=False)
+    sess = ort.InferenceSession(str(int8))
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        assert np.allclose(got, model(x).numpy(), atol=0.05)
