@@ -6,7 +6,7 @@ of recovery and QAT: a compatibility run, not a training run.
 Writes a markdown table (architecture x stage: done, or what failed and why; INT8 coverage,
 FP32 and INT8 accuracy, INT8/FP32 latency) and a JSON file of the same rows.
 
-Run: python benchmarks/zoo_matrix.py [--only NAME ...] [--out runs/zoo] [--epochs 3]
+Run: python benchmarks/zoo_matrix.py [--more] [--only NAME ...] [--out runs/zoo] [--epochs 3]
          [--attention-epochs N] [--train-samples 320] [--test-samples 160] [--max-drop P]
 The defaults are the compatibility run (tests/e2e/test_zoo_matrix.py); the README's accuracy
 columns come from `--epochs 8 --attention-epochs 16 --train-samples 1000 --test-samples 360
@@ -47,6 +47,11 @@ def archs() -> Any:
     return sys.modules["compresskit_zoo_archs"]
 
 
+def entry(name: str) -> tuple[str, str, Any]:
+    """(family, task, builder) of a zoo architecture, first 25 or extended."""
+    return {**archs().ARCHS, **archs().MORE}[name]  # type: ignore[no-any-return]
+
+
 STAGE_BUDGET = 180.0
 """Seconds any stage may take on any zoo model ("a few minutes"), reported against."""
 
@@ -60,7 +65,7 @@ def _pipeline(name: str, task: str, teacher: Path, epochs: int,
               samples: tuple[int, int], max_drop: float | None = None) -> dict[str, Any]:
     cls, _, inputs = TEACHERS[task]
     student: dict[str, Any] = {"source": "archs.py:build", "kwargs": {"name": name}}
-    if archs().ARCHS[name][0] == "transformers":
+    if entry(name)[0] == "transformers":
         student["output"] = {"key": "logits"}
     fast = {"latency_runs": 10}
     budget = {} if max_drop is None else {"max_drop": max_drop}
@@ -122,7 +127,7 @@ def run_one(name: str, out: Path, teacher_paths: dict[str, Path], epochs: int,
     from compresskit import api
     from compresskit.errors import ConfigError, StageError
 
-    family, task, _ = archs().ARCHS[name]
+    family, task, _ = entry(name)
     row: dict[str, Any] = {"architecture": name, "family": family, "task": task,
                            "kind": "transformer/mlp" if name in archs().NOT_CNN else "cnn",
                            "stages": {}, "seconds": {}}
@@ -219,6 +224,9 @@ def _slowest(row: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", help="architecture names (default: all)")
+    parser.add_argument("--more", action="store_true",
+                        help="the extended zoo (tests/zoo/archs.py MORE: the architectures "
+                             "tried after the first 25) instead of the first 25")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "zoo")
     parser.add_argument("--epochs", type=int, default=3, help="distillation epochs")
     parser.add_argument("--attention-epochs", type=int, default=None,
@@ -236,11 +244,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         help="qat's max_drop (accuracy points): layers that lose more are "
                              "kept in float (ptq, the baseline, is measured as it comes)")
     args = parser.parse_args(argv)
-    ARCHS = archs().ARCHS  # noqa: N806
-    names = args.only or list(ARCHS)
-    unknown = [n for n in names if n not in ARCHS]
+    zoo = archs().MORE if args.more else archs().ARCHS
+    names = args.only or list(zoo)
+    unknown = [n for n in names if n not in {**archs().ARCHS, **archs().MORE}]
     if unknown:
-        parser.error(f"unknown architecture {unknown[0]!r}; choose from: {', '.join(ARCHS)}")
+        parser.error(f"unknown architecture {unknown[0]!r}; choose from: {', '.join(zoo)}")
     args.out.mkdir(parents=True, exist_ok=True)
     samples = (args.train_samples, args.test_samples)
     paths = teachers(args.out, samples)

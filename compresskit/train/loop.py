@@ -199,6 +199,12 @@ def fit(model: nn.Module, train: Dataset, opts: TrainingOptions, *, batch_size: 
             # Under torchrun every rank sees the mean, so all stop together on a NaN.
             if not math.isfinite(dist.mean(value, device)):
                 shown = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
+                if global_step == 0:  # no update yet: the model itself computes it
+                    raise Diverged(
+                        f"the loss is {value} on the first batch, before any update ({shown}):"
+                        " the model's outputs are not finite on the training data (a quantizer"
+                        " or a float16 op on a tensor that holds infinities, such as an "
+                        "attention mask?); no learning rate changes that")
                 raise Diverged(
                     f"the loss became {value} at epoch {epoch + 1}, step "
                     f"{global_step} ({shown}); lower the learning rate (lr: {opts.lr}) "

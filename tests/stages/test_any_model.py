@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -64,6 +65,15 @@ def test_qat_of_a_two_input_text_model_hf_bert(tmp_path):
     art = next(a for a in report["artifacts"] if a["precision"] == "int8")
     graph = onnx.load(str(tmp_path / "run" / art["path"])).graph
     assert [i.name for i in graph.input] == ["input_ids", "attention_mask"]
+
+
+def test_qat_of_an_rmsnorm_decoder_hf_llama(tmp_path):
+    """A decoder with RMSNorm and no LayerNorm (HF Llama) got NNCF's CNN scheme, which
+    quantizes the causal mask's -3.4e38 too: the QAT loss was nan from the first step. With
+    the transformer scheme it trains, and the file runs in integer kernels."""
+    m = _int8(_run(tmp_path, "HF Llama", [QAT], text=True))
+    assert m["int8_coverage"] >= 0.9, m["float_nodes"]
+    assert np.isfinite(m["final_loss"]) and np.isfinite(m["accuracy"])
 
 
 def test_prune_takes_whole_heads_of_hf_distilbert(tmp_path):
