@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import heapq
 import io
 import os
 import re
@@ -405,7 +406,35 @@ def _shapes_past_quantizers(model: onnx.ModelProto) -> int:
             if n.op_type in ("Shape", "Size") and n.input[0] == tensor:
                 n.input[0] = q.output[0]
                 moved += 1
+    if moved:  # a Shape listed before its quantizer now reads what the quantizer writes
+        _sort_nodes(model)
     return moved
+
+
+def _sort_nodes(model: onnx.ModelProto) -> None:
+    """The graph's nodes in topological order, otherwise as they were."""
+    nodes = list(model.graph.node)
+    producer = {o: k for k, n in enumerate(nodes) for o in n.output if o}
+    waiting = [sum(1 for i in set(n.input) if i in producer) for n in nodes]
+    readers: dict[int, list[int]] = defaultdict(list)
+    for k, n in enumerate(nodes):
+        for i in set(n.input):
+            if i in producer:
+                readers[producer[i]].append(k)
+    ready = [k for k, w in enumerate(waiting) if w == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        k = heapq.heappop(ready)
+        order.append(k)
+        for r in readers[k]:
+            waiting[r] -= 1
+            if waiting[r] == 0:
+                heapq.heappush(ready, r)
+    if len(order) != len(nodes):
+        raise QuantError("the quantized graph has a cycle; this is a bug in compresskit")
+    del model.graph.node[:]
+    model.graph.node.extend(nodes[k] for k in order)
 
 
 def close_qdq(path: Path, batches: list[Any]) -> list[str]:
