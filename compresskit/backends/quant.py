@@ -907,7 +907,6 @@ def ptq(fp32: Path, out: Path, batches: list[Any], *, per_channel: bool,
     onnx.save(model, str(out))
 
 
-
 def _shape_only_nodes(path: Path) -> list[str]:
     """The nodes whose outputs depend on no input's values, only on shapes and constants
     (position ids and relative-position buckets); they are named in the file if they were

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,13 @@ def load_weights(model: nn.Module, path: Path, what: str) -> None:
         # Saved from the wrapped model every stage sees (Entry: named inputs, a picked
         # output), such as a train stage's teacher.pt: the model's own keys are inside.
         state = {k.removeprefix("model."): v for k, v in state.items()}
+    if getattr(state, "_metadata", None) is None:
+        # The module versions a state_dict carries beside its tensors, lost by a plain dict
+        # (or the renaming above): those of the code that builds the model. Some modules
+        # refuse to load without them (torchvision's MNASNet: "version should be set to 1 or
+        # 2 instead of None").
+        state = OrderedDict(state)
+        state._metadata = getattr(own, "_metadata", None)  # type: ignore[attr-defined]
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     mismatched = [f"{k} {list(state[k].shape)} vs model {list(own[k].shape)}"
@@ -107,7 +115,9 @@ def load_weights(model: nn.Module, path: Path, what: str) -> None:
 
 
 def save_weights(model: nn.Module, path: Path) -> None:
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    own = model.state_dict()
+    state = OrderedDict((k, v.detach().cpu().contiguous()) for k, v in own.items())
+    state._metadata = getattr(own, "_metadata", None)  # type: ignore[attr-defined]
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
