@@ -11,6 +11,7 @@ onnxruntime actually optimised.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import heapq
 import io
@@ -78,7 +79,8 @@ def fold_batchnorm(model: nn.Module, example: Any) -> list[str]:
             continue
         saved = (conv, bn)
         set_module(model, conv_name, fuse_conv_bn_eval(conv, bn))  # type: ignore[arg-type,type-var]
-        set_module(model, bn_name, nn.Identity())
+        set_module(model, bn_name, nn.Identity() if type(bn) in PLAIN_BATCHNORMS
+                   else _NormFolded(copy.deepcopy(bn)))
         with torch.no_grad():
             same = torch.allclose(call(model, example), reference, atol=1e-4, rtol=1e-3)
         if same:
@@ -87,6 +89,41 @@ def fold_batchnorm(model: nn.Module, example: Any) -> list[str]:
             set_module(model, conv_name, saved[0])
             set_module(model, bn_name, saved[1])
     return folded
+
+
+PLAIN_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+class _NormFolded(nn.Module):
+    """What is left of a BatchNorm subclass once its normalization is folded into the conv
+    before it: timm's BatchNormAct2d normalizes, then applies its dropout and activation in
+    the same module, so an Identity in its place drops the activation (and the fold was
+    undone: every timm CNN's convs kept their BatchNorm, and QAT quantized each conv's output
+    before it, per tensor, across channels of any scale). The subclass's own forward runs with
+    identity statistics, in eval mode for the normalization (training would normalize by the
+    batch again) and untouched by BatchNorm re-estimation; `drop_identity_batchnorms` takes
+    the identity out of the exported graph."""
+
+    def __init__(self, bn: nn.Module):
+        super().__init__()
+        with torch.no_grad():
+            if bn.weight is not None:  # type: ignore[union-attr]
+                bn.weight.fill_(1.0).requires_grad_(False)  # type: ignore[union-attr,operator]
+            if bn.bias is not None:  # type: ignore[union-attr]
+                bn.bias.zero_().requires_grad_(False)  # type: ignore[union-attr,operator]
+            bn.running_mean.zero_()  # type: ignore[union-attr,operator]
+            bn.running_var.fill_(1.0)  # type: ignore[union-attr,operator]
+        bn.eps = 0.0
+        bn.track_running_stats = False  # BatchNorm re-estimation passes it by
+        self.norm = bn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        training = self.norm.training
+        self.norm.training = False
+        try:
+            return self.norm(x)  # type: ignore[no-any-return]
+        finally:
+            self.norm.training = training
 
 
 def module_patterns_to_regex(patterns: Iterable[str]) -> list[str]:
@@ -294,6 +331,39 @@ def fake_quantize_as_qdq(path: Path) -> int:
                                    if o.domain != "org.openvinotoolkit"])
         onnx.save(model, str(path))
     return changed
+
+
+def drop_identity_batchnorms(path: Path) -> int:
+    """Take out each BatchNormalization that computes its input (scale 1, bias 0, mean 0,
+    variance + epsilon 1): what a folded BatchNorm subclass leaves (`_NormFolded`). Returns
+    how many were taken out."""
+    model = onnx.load(str(path))
+    consts = _const_arrays(model)
+    outputs = {o.name for o in model.graph.output}
+    rename: dict[str, str] = {}
+    keep = []
+    for n in model.graph.node:
+        params = [consts.get(i) for i in n.input[1:5]]
+        if n.op_type == "BatchNormalization" and len(params) == 4 and all(
+                p is not None for p in params) and n.output[0] not in outputs and \
+                not any(o for o in n.output[1:]):
+            eps = next((a.f for a in n.attribute if a.name == "epsilon"), 1e-5)
+            scale, bias, mean, var = (np.asarray(p, np.float32) for p in params)
+            if np.all(scale == 1) and np.all(bias == 0) and np.all(mean == 0) and \
+                    np.all(var + np.float32(eps) == 1):
+                rename[n.output[0]] = rename.get(n.input[0], n.input[0])
+                continue
+        keep.append(n)
+    if not rename:
+        return 0
+    for n in keep:
+        for i, name in enumerate(n.input):
+            if name in rename:
+                n.input[i] = rename[name]
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    onnx.save(model, str(path))
+    return len(rename)
 
 
 def int8_weights(path: Path) -> int:

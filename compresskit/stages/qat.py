@@ -155,6 +155,7 @@ def _write(cfg: QatConfig, ctx: StageContext, model: torch.nn.Module, x: Any, y:
     except ExportError as e:
         raise StageError(ctx.name, f"the quantized {cfg.model} cannot be exported: {e}"
                          ) from None
+    quant.drop_identity_batchnorms(staged)
     try:
         fake_quantize = quant.fake_quantize_as_qdq(staged)
     except quant.QuantError as e:
