@@ -345,7 +345,8 @@ def test_a_shape_read_beside_the_quantizer_no_longer_keeps_a_matmul_float(tmp_pa
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(np.array(0.02, np.float32), "s"),
              numpy_helper.from_array(np.array(128, np.uint8), "z"),
-             numpy_helper.from_array(rng.integers(-100, 100, (32, 64)).astype(np.int8), "w"),
+             # 7-bit weights: uint8 x int8 pairs cannot saturate int16 on CPUs without VNNI
+             numpy_helper.from_array(rng.integers(-63, 64, (32, 64)).astype(np.int8), "w"),
              numpy_helper.from_array(np.full(64, 0.01, np.float32), "ws"),
              numpy_helper.from_array(np.zeros(64, np.int8), "wz"),
              numpy_helper.from_array(np.array(0.5, np.float32), "os")]
@@ -410,7 +411,7 @@ def test_ptq_leaves_shape_only_arithmetic_float(tmp_path):
     x = torch.randn(4, 6, 16)
     fp32, int8 = tmp_path / "b.onnx", tmp_path / "b.int8.onnx"
     export_onnx(model, x[:2], fp32, 17)
-    quant.ptq(fp32, int8, [x.numpy()], per_channel=True, reduce_range=False)
+    quant.ptq(fp32, int8, [x.numpy()], per_channel=True, reduce_range=True)  # any x86 CPU
     sess = ort.InferenceSession(str(int8))
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     with torch.no_grad():
