@@ -192,12 +192,14 @@ def _squeeze_excite_quantized() -> Iterator[None]:
 
 def is_transformer(model: nn.Module) -> bool:
     """Whether NNCF's transformer scheme fits: a LayerNorm or an RMSNorm (Llama, Mistral,
-    Qwen and T5 spell their own: LlamaRMSNorm, T5LayerNorm), or torch's MultiheadAttention.
-    Without it NNCF quantizes a causal LM's mask arithmetic too (Llama: the -3.4e38 of the
-    causal mask through a quantizer, and the loss is nan from the first step)."""
+    Qwen and T5 spell their own: LlamaRMSNorm, T5LayerNorm), MobileBERT's NoNorm, torch's
+    MultiheadAttention, or a module its library calls a self-attention (BertSelfAttention).
+    Without it NNCF quantizes the attention mask's arithmetic too (Llama: the -3.4e38 of the
+    causal mask through a quantizer, and the loss is nan from the first step; MobileBERT,
+    which has no LayerNorm at all, lost 5.3 points in QAT)."""
     for m in model.modules():
-        if isinstance(m, nn.LayerNorm | nn.MultiheadAttention) or \
-                type(m).__name__.endswith(("RMSNorm", "LayerNorm")):
+        if isinstance(m, nn.LayerNorm | nn.MultiheadAttention) or type(m).__name__.endswith(
+                ("RMSNorm", "LayerNorm", "NoNorm", "SelfAttention")):
             return True
     return False
 

@@ -486,3 +486,27 @@ def test_a_batchnorm_that_also_activates_is_folded_and_its_activation_kept(tmp_p
     ops = [n.op_type for n in graph.node]
     assert "BatchNormalization" not in ops and ops.count("HardSwish") == 2
     assert qat["int8_coverage"] >= 0.95
+
+
+def test_nncfs_transformer_scheme_is_chosen_for_attention_models_without_a_layernorm():
+    """HF MobileBERT normalizes with NoNorm (an elementwise affine), so no LayerNorm said
+    "transformer", NNCF's CNN scheme quantized its attention-mask arithmetic, and QAT lost 5.3
+    points; a CNN still gets the CNN scheme."""
+    import torch
+    from torch import nn
+
+    from compresskit.backends.quant import is_transformer
+
+    class NoNorm(nn.Module):
+        def __init__(self, d: int) -> None:
+            super().__init__()
+            self.weight, self.bias = nn.Parameter(torch.ones(d)), nn.Parameter(torch.zeros(d))
+
+    class MobileBertSelfAttention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.query = nn.Linear(8, 8)
+
+    assert is_transformer(nn.Sequential(MobileBertSelfAttention(), NoNorm(8)))
+    assert is_transformer(nn.Sequential(nn.Linear(8, 8), NoNorm(8)))
+    assert not is_transformer(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()))
