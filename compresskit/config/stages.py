@@ -332,10 +332,11 @@ class QatConfig(Int8Options, OptimOptions, TeacherCacheOptions):
     keep: Literal["better", "trained"] = Field(
         "better",
         description=(
-            "Which weights QAT hands on. 'better': the fake-quantized model's accuracy on the "
-            "validation split is measured after calibration and again after training, and the "
-            "calibrated weights are kept when training lowered it (fine-tuning a weak model "
-            "moves its near-ties either way); 'trained': the weights as trained. Without "
+            "Which weights QAT hands on. 'better': the fake-quantized model is scored on the "
+            "validation split after calibration and again after training, and the calibrated "
+            "weights are kept when training lowered its accuracy beyond chance (a one-sided "
+            "sign test at 5% on the samples the two classify differently: on a small split a "
+            "sample or two either way is noise); 'trained': the weights as trained. Without "
             "labels on the validation split, the trained weights."
         ),
     )

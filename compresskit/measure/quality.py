@@ -8,6 +8,7 @@ The first metric of each task is the one reports rank by.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -56,3 +57,19 @@ def score(task: str, outputs: Any, target: Any) -> dict[str, float]:
 
 def main(task: str, outputs: Any, target: Any) -> float:
     return score(task, outputs, target)[primary(task)]
+
+
+def worse_beyond_chance(before: np.ndarray, after: np.ndarray, level: float = 0.05
+                        ) -> tuple[bool, dict[str, float]]:
+    """Whether `after` classifies the same samples worse than `before` by more than chance: an
+    exact one-sided sign test (McNemar's) on the samples the two disagree on. `before` and
+    `after` say, per sample, whether each model was right. On a validation split of a hundred
+    samples one sample is a point, and fine-tuning moves near-ties either way: a lower accuracy
+    by one or two samples is not a worse model. Returns the verdict and what it rests on."""
+    before, after = np.asarray(before, bool), np.asarray(after, bool)
+    lost = int((before & ~after).sum())    # right before, wrong after
+    gained = int((~before & after).sum())  # wrong before, right after
+    n = lost + gained
+    # P(at least `lost` of the n disagreements go against `after` | each way equally likely)
+    p = sum(math.comb(n, k) for k in range(lost, n + 1)) / 2 ** n if n else 1.0
+    return p < level, {"lost": lost, "gained": gained, "p_value": p}

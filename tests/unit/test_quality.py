@@ -73,3 +73,27 @@ def test_entry_picks_and_pools_outputs() -> None:
         select((ids, ids), "logits")
     with pytest.raises(ModelError, match="returns a tuple of 2, not one tensor"):
         select((ids, ids), None)
+
+
+def test_a_sample_or_two_fewer_right_is_not_worse_beyond_chance():
+    """keep: better's rule. One sample lost of 144 (the digits run whose calibrated weights were
+    kept on it and lost 0.8 points on the test split) is chance; twelve lost and none gained is
+    not; disagreements that cancel are not."""
+    right = np.ones(144, bool)
+    one_fewer = right.copy()
+    one_fewer[:1] = False
+    worse, why = quality.worse_beyond_chance(right, one_fewer)
+    assert not worse and why["lost"] == 1 and why["gained"] == 0 and why["p_value"] == 0.5
+    wrecked = right.copy()
+    wrecked[:12] = False
+    worse, why = quality.worse_beyond_chance(right, wrecked)
+    assert worse and why["p_value"] == 0.5 ** 12
+    swapped = np.r_[np.zeros(10, bool), np.ones(10, bool)]
+    assert not quality.worse_beyond_chance(swapped, swapped[::-1])[0]
+    assert not quality.worse_beyond_chance(right, right)[0]  # no disagreement at all
+    # Seven lost, one gained: P(X >= 7 | n=8) = 9/256 < 0.05.
+    mixed_before, mixed_after = right.copy(), right.copy()
+    mixed_after[:7] = False
+    mixed_before[7] = False
+    worse, why = quality.worse_beyond_chance(mixed_before, mixed_after)
+    assert worse and why["p_value"] == 9 / 256
