@@ -85,7 +85,11 @@ def model_hashes(loaded: LoadedPipeline) -> dict[str, str]:
             str(source), loaded.base_dir)}
         if mcfg.checkpoint:
             path = resolve_path(mcfg.checkpoint, loaded.base_dir)
-            parts["checkpoint"] = sha256_file(path) if path is not None else mcfg.checkpoint
+            if path is not None:  # its bytes name it: the same file moved keeps the cache
+                parts["config"].pop("checkpoint")
+                parts["checkpoint"] = sha256_file(path)
+            else:
+                parts["checkpoint"] = mcfg.checkpoint
         out[role] = _digest(parts)
     return out
 

@@ -81,3 +81,27 @@ def test_input_shape_rejected_by_model(write_pipeline):
 def test_unknown_data_source(write_pipeline):
     (msg,) = deep_problems(write_pipeline(TINY.replace("source: digits", "source: digts")))
     assert "data.source: unknown data source 'digts' (did you mean 'digits'?)" in msg
+
+
+def test_a_checkpoint_is_known_by_its_bytes_not_its_path(write_pipeline, tmp_path):
+    """The stage cache keys a model's checkpoint by its contents: the same file under another
+    path (a teacher trained in one run folder, read from another) keeps every cached stage;
+    other weights at the same path do not."""
+    from compresskit.engine.loader import load_pipeline
+    from compresskit.engine.runner import model_hashes
+    from models.digits import student
+
+    torch.manual_seed(5)
+    torch.save(student(2).state_dict(), tmp_path / "good.pt")
+    (tmp_path / "moved").mkdir()
+    (tmp_path / "moved" / "good.pt").write_bytes((tmp_path / "good.pt").read_bytes())
+
+    def student_hash(checkpoint: str) -> str:
+        text = TINY.replace("kwargs: {width: 2}}",
+                            f"kwargs: {{width: 2}}, checkpoint: {checkpoint}}}")
+        return model_hashes(load_pipeline(write_pipeline(text)))["student"]
+
+    first = student_hash("good.pt")
+    assert student_hash("moved/good.pt") == first
+    torch.save(student(2).state_dict(), tmp_path / "good.pt")  # other random weights
+    assert student_hash("good.pt") != first
