@@ -245,6 +245,14 @@ class OptimOptions(StageBase):
             "interrupted run resumes inside the stage."
         ),
     )
+    freeze: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Parameters left as they are while this stage trains: glob patterns over the "
+            "names of model.named_parameters() (e.g. 'model.embeddings.*', a token model's "
+            "embedding tables). A pattern that matches no parameter is an error."
+        ),
+    )
     bn_recalibration: int = Field(
         16, ge=0,
         description=(

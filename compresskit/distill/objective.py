@@ -68,8 +68,12 @@ class Distiller(nn.Module):
 def problems(cfg: DistillConfig, student: nn.Module, teachers: dict[str, nn.Module],
              example: torch.Tensor) -> list[tuple[tuple[Any, ...], str]]:
     """What cannot work with these models, as (key path in the stage, message): module names
-    they lack, teachers that disagree on the number of classes, shapes no adapter bridges."""
-    out: list[tuple[tuple[Any, ...], str]] = []
+    they lack, teachers that disagree on the number of classes, shapes no adapter bridges,
+    `freeze` patterns that name no parameter of the student."""
+    from compresskit.train.loop import unmatched_freeze
+
+    out: list[tuple[tuple[Any, ...], str]] = [
+        (("freeze",), m) for m in unmatched_freeze(student, cfg.freeze)]
     first = next(iter(teachers))
     for i, term in enumerate(cfg.losses):
         if term.type == "kl":

@@ -24,12 +24,14 @@ from torch import nn
 from compresskit.config import DistillConfig, KLTerm
 from compresskit.engine import distributed as dist
 from compresskit.engine.context import StageContext, StageResult
-from compresskit.errors import StageError
+from compresskit.engine.loader import format_path
+from compresskit.errors import ConfigError, Problem, StageError
 from compresskit.lm import models as lm_models
 from compresskit.lm.losses import Objective, TopK, chunked_loss
 from compresskit.lm.rows import Rows, rows
 from compresskit.lm.tokenizers import tokenizer_for
 from compresskit.lm.topk import teacher_top_k
+from compresskit.train.loop import frozen, unmatched_freeze
 
 
 def perplexity(model: nn.Module, ds: Any, batch_size: int = 4) -> float:
@@ -78,7 +80,14 @@ def _sample(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, tokens: int
 
 def train(ctx: StageContext, cfg: DistillConfig, student: nn.Module, teacher: nn.Module | None,
           data: Rows, objective: Objective, cache: TopK | None, label: str) -> dict[str, Any]:
-    """Train `student` in place on `data`; the loss history and the seconds it took."""
+    """Train `student` in place on `data`, but for the parameters `freeze` names; the loss
+    history and the seconds it took."""
+    with frozen(student, cfg.freeze):
+        return _train(ctx, cfg, student, teacher, data, objective, cache, label)
+
+
+def _train(ctx: StageContext, cfg: DistillConfig, student: nn.Module, teacher: nn.Module | None,
+           data: Rows, objective: Objective, cache: TopK | None, label: str) -> dict[str, Any]:
     m = lm_models.unwrap(student)
     m.train()
     head = m.get_output_embeddings()
@@ -161,6 +170,10 @@ def run(cfg: DistillConfig, ctx: StageContext) -> StageResult:
                              "AutoModelForCausalLM}")
     t_tok, s_tok = tokenizer_for(ctx, role), tokenizer_for(ctx, "student")
     lm_models.check_same_vocabulary(teacher, student, t_tok, s_tok, ctx.name)
+    missing = unmatched_freeze(student, cfg.freeze)
+    if missing:
+        raise ConfigError([Problem(m, key=format_path(("stages", ctx.index, "freeze")))
+                           for m in missing])
     lm_models.unwrap(teacher).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)

@@ -122,7 +122,8 @@ def _train(cfg: DistillConfig, ctx: StageContext, student: nn.Module, source: Te
     after = (lambda: kd.ema_update(ema, student, cfg.ema_decay)) if ema is not None else None
     try:
         return fit_stage(ctx, distiller, cfg.options(epochs), objective, tag, resume=tag,
-                         blame="" if tag == "student" else f"{tag}: ", after_step=after)
+                         blame="" if tag == "student" else f"{tag}: ", after_step=after,
+                         frozen_in=student)
     finally:
         objective.close()
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import fnmatch
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from compresskit.config import TrainingOptions
 from compresskit.engine import distributed as dist
+from compresskit.errors import ConfigError, Problem
 from compresskit.models.inputs import as_tensors, call, to
 from compresskit.models.inputs import count as count_of
 from compresskit.train.padding import LengthGroupedBatches, Padding
@@ -153,13 +156,52 @@ def _load_resume(state: dict[str, Any], model: nn.Module, opt: torch.optim.Optim
         return None
 
 
-def fit(model: nn.Module, train: Dataset, opts: TrainingOptions, *, batch_size: int,
-        step: StepFn, device: torch.device, seed: int, progress: Any = None, desc: str = "train",
-        val: Dataset | None = None, eval_batch_size: int = 256,
-        extra_params: list[nn.Parameter] | None = None,
-        resume: Path | None = None,
-        after_step: Callable[[], None] | None = None,
-        padding: Padding | None = None) -> dict[str, Any]:
+def unmatched_freeze(model: nn.Module, patterns: list[str]) -> list[str]:
+    """One sentence for each `freeze` pattern that names none of `model`'s trainable
+    parameters, naming a few that exist."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+    return [f"'{pattern}' matches none of the model's trainable parameters ({shown}); write a "
+            "glob pattern over model.named_parameters()"
+            for pattern in patterns if not any(fnmatch.fnmatchcase(n, pattern) for n in names)]
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module, patterns: list[str]) -> Iterator[None]:
+    """Parameters of `model` whose names match any glob pattern stop requiring gradients (so
+    they are neither differentiated nor given to the optimiser) until the block ends. A
+    pattern that matches none is a ConfigError."""
+    missing = unmatched_freeze(model, patterns)
+    if missing:
+        raise ConfigError([Problem(m, key="freeze") for m in missing])
+    chosen = [p for n, p in model.named_parameters()
+              if p.requires_grad and any(fnmatch.fnmatchcase(n, pt) for pt in patterns)]
+    for p in chosen:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in chosen:
+            p.requires_grad_(True)
+
+
+def fit(model: nn.Module, train: Dataset, opts: TrainingOptions, *,
+        frozen_in: nn.Module | None = None, **kwargs: Any) -> dict[str, Any]:
+    """Train `model` in place for opts.epochs; returns the loss and val-accuracy history.
+    Parameters matching `opts.freeze`, named as in `frozen_in` (default `model`: a distiller
+    wrapping the student names them as the student does), keep their values; the rest is
+    `_fit`'s."""
+    with frozen(model if frozen_in is None else frozen_in, opts.freeze):
+        return _fit(model, train, opts, **kwargs)
+
+
+def _fit(model: nn.Module, train: Dataset, opts: TrainingOptions, *, batch_size: int,
+         step: StepFn, device: torch.device, seed: int, progress: Any = None,
+         desc: str = "train", val: Dataset | None = None, eval_batch_size: int = 256,
+         extra_params: list[nn.Parameter] | None = None,
+         resume: Path | None = None,
+         after_step: Callable[[], None] | None = None,
+         padding: Padding | None = None) -> dict[str, Any]:
     """Train `model` in place for opts.epochs; returns the loss and val-accuracy history.
 
     With `resume`, a checkpoint (weights, optimiser, schedule, shuffling and RNG state) is saved
@@ -280,13 +322,19 @@ def recalibrate_batchnorm(model: nn.Module, train: Dataset, batch_size: int,
 
 def fit_stage(ctx: Any, model: nn.Module, opts: TrainingOptions, step: StepFn, what: str, *,
               resume: str, blame: str = "", hint: str = "",
-              after_step: Callable[[], None] | None = None) -> dict[str, Any]:
+              after_step: Callable[[], None] | None = None,
+              frozen_in: nn.Module | None = None) -> dict[str, Any]:
     """`fit` inside a stage: the pipeline's training split and batch size, the stage's device,
     seed, progress bar ('<stage> <what>') and resume file (work_dir/<resume>.resume.pt),
     validation each epoch; a divergence fails the stage, its message between `blame` and
     `hint`."""
+    from compresskit.engine.loader import format_path
     from compresskit.errors import StageError
 
+    missing = unmatched_freeze(model if frozen_in is None else frozen_in, opts.freeze)
+    if missing:
+        raise ConfigError([Problem(m, key=format_path(("stages", ctx.index, "freeze")))
+                           for m in missing])
     data = ctx.data()
     try:
         return fit(model, data.train, opts, step=step, batch_size=ctx.config.data.batch_size,
@@ -294,7 +342,7 @@ def fit_stage(ctx: Any, model: nn.Module, opts: TrainingOptions, step: StepFn, w
                    desc=f"{ctx.name} {what}", val=data.val,
                    eval_batch_size=ctx.config.data.eval_batch_size,
                    resume=ctx.work_dir / f"{resume}.resume.pt", after_step=after_step,
-                   padding=padding(ctx))
+                   padding=padding(ctx), frozen_in=frozen_in)
     except Diverged as e:
         raise StageError(ctx.name, f"{blame}{e}{hint}") from None
 

@@ -160,3 +160,18 @@ def test_label_free_distillation(tmp_path):
     cfg["stages"] = [{"type": "distill", "epochs": 1, "baseline": True}]
     with pytest.raises(ConfigError, match="baseline: true .* has no labels"):
         run(cfg, tmp_path / "run3")
+
+
+def test_freeze_keeps_the_named_parameters_and_a_pattern_naming_none_is_refused(tmp_path):
+    cfg = pipeline(distill(freeze=["stem.*"]))
+    cfg["stages"][0] = {"type": "train", "model": "student", "epochs": 1, "lr": 0.01}
+    out = tmp_path / "run"
+    run(cfg, out)
+    before = torch.load(out / "00-train" / "student.pt", weights_only=True)
+    after = torch.load(out / "01-distill" / "student.pt", weights_only=True)
+    for name in ("stem.0.weight", "stem.1.weight", "stem.1.bias"):
+        assert torch.equal(before[name], after[name]), name
+    assert not torch.equal(before["classifier.weight"], after["classifier.weight"])
+    cfg = pipeline(distill(freeze=["stems.*"]))
+    with pytest.raises(ConfigError, match=r"stages\[1\]\.freeze: 'stems\.\*' matches none"):
+        api.validate(cfg, base_dir=ROOT, deep=True)

@@ -224,3 +224,21 @@ def test_a_smaller_student_of_its_own_config_with_the_same_tokenizer(
     report = api.run(cfg, output_dir=tmp_path / "run", show_progress=False)
     m = report["stages"][0]["metrics"]
     assert m["after"]["test_perplexity"] < m["before"]["test_perplexity"]
+
+
+def test_freeze_keeps_the_students_embeddings(teacher_dir: Path, tmp_path: Path) -> None:
+    cfg = pipeline(teacher_dir, baseline=False, cache_teacher=False, epochs=1,
+                   freeze=["*embed_tokens*"])
+    cfg["stages"] = cfg["stages"][1:2]
+    api.run(cfg, output_dir=tmp_path / "run", show_progress=False)
+    from safetensors.torch import load_file
+
+    state = torch.load(tmp_path / "run" / "00-distill" / "student.pt", weights_only=True)
+    embed = next(v for k, v in state.items() if k.endswith("embed_tokens.weight"))
+    layer = next(v for k, v in state.items() if k.endswith("layers.0.mlp.up_proj.weight"))
+    original = load_file(str(teacher_dir / "model.safetensors"))
+    assert torch.equal(embed, original["model.embed_tokens.weight"])
+    assert not torch.equal(layer, original["model.layers.0.mlp.up_proj.weight"])
+    cfg["stages"][0]["freeze"] = ["embed_token"]
+    with pytest.raises(ConfigError, match=r"freeze: 'embed_token' matches none"):
+        api.run(cfg, output_dir=tmp_path / "run2", show_progress=False)
