@@ -54,6 +54,8 @@ VARIANTS: dict[str, tuple[list[str], Callable[[dict[str, Any]], None] | None]] =
     "layers 0,4,5; cosine; stdlib + package docstrings; 1 epoch": (["stages.0.epochs=1"], None),
     "layers 0,4,5; cosine + last layer's tokens; stdlib + package docstrings; 1 epoch": (
         ["stages.0.epochs=1", FEATURES, "stages.0.cache_precision=float16"], None),
+    "layers 0,4,5; cosine; embeddings frozen; stdlib + package docstrings; 1 epoch": (
+        ["stages.0.epochs=1", "stages.0.freeze=[model.embeddings.*]"], None),
     "layers 0,4,5; cosine; stdlib + package docstrings; 3 epochs (the example)": ([], None),
     "6 layers, 3 of 12 heads, 496 of 1536 MLP units (prune, l2); cosine; 1 epoch": (
         ["stages.1.epochs=1"], width("l2", 0.667)),
