@@ -25,13 +25,13 @@ from compresskit.config import DistillConfig, KLTerm
 from compresskit.engine import distributed as dist
 from compresskit.engine.context import StageContext, StageResult
 from compresskit.engine.loader import format_path
-from compresskit.errors import ConfigError, Problem, StageError
+from compresskit.errors import StageError
 from compresskit.lm import models as lm_models
 from compresskit.lm.losses import Objective, TopK, chunked_loss
 from compresskit.lm.rows import Rows, rows
 from compresskit.lm.tokenizers import tokenizer_for
 from compresskit.lm.topk import teacher_top_k
-from compresskit.train.loop import frozen, unmatched_freeze
+from compresskit.train.loop import check_freeze, frozen
 
 
 def perplexity(model: nn.Module, ds: Any, batch_size: int = 4) -> float:
@@ -170,10 +170,7 @@ def run(cfg: DistillConfig, ctx: StageContext) -> StageResult:
                              "AutoModelForCausalLM}")
     t_tok, s_tok = tokenizer_for(ctx, role), tokenizer_for(ctx, "student")
     lm_models.check_same_vocabulary(teacher, student, t_tok, s_tok, ctx.name)
-    missing = unmatched_freeze(student, cfg.freeze)
-    if missing:
-        raise ConfigError([Problem(m, key=format_path(("stages", ctx.index, "freeze")))
-                           for m in missing])
+    check_freeze(student, cfg.freeze, format_path(("stages", ctx.index, "freeze")))
     lm_models.unwrap(teacher).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)

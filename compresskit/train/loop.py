@@ -166,14 +166,19 @@ def unmatched_freeze(model: nn.Module, patterns: list[str]) -> list[str]:
             for pattern in patterns if not any(fnmatch.fnmatchcase(n, pattern) for n in names)]
 
 
+def check_freeze(model: nn.Module, patterns: list[str], key: str = "freeze") -> None:
+    """A ConfigError at `key` (e.g. stages[1].freeze) for the patterns naming no parameter."""
+    missing = unmatched_freeze(model, patterns)
+    if missing:
+        raise ConfigError([Problem(m, key=key) for m in missing])
+
+
 @contextlib.contextmanager
 def frozen(model: nn.Module, patterns: list[str]) -> Iterator[None]:
     """Parameters of `model` whose names match any glob pattern stop requiring gradients (so
     they are neither differentiated nor given to the optimiser) until the block ends. A
     pattern that matches none is a ConfigError."""
-    missing = unmatched_freeze(model, patterns)
-    if missing:
-        raise ConfigError([Problem(m, key="freeze") for m in missing])
+    check_freeze(model, patterns)
     chosen = [p for n, p in model.named_parameters()
               if p.requires_grad and any(fnmatch.fnmatchcase(n, pt) for pt in patterns)]
     for p in chosen:
@@ -331,10 +336,8 @@ def fit_stage(ctx: Any, model: nn.Module, opts: TrainingOptions, step: StepFn, w
     from compresskit.engine.loader import format_path
     from compresskit.errors import StageError
 
-    missing = unmatched_freeze(model if frozen_in is None else frozen_in, opts.freeze)
-    if missing:
-        raise ConfigError([Problem(m, key=format_path(("stages", ctx.index, "freeze")))
-                           for m in missing])
+    check_freeze(model if frozen_in is None else frozen_in, opts.freeze,
+                 format_path(("stages", ctx.index, "freeze")))
     data = ctx.data()
     try:
         return fit(model, data.train, opts, step=step, batch_size=ctx.config.data.batch_size,
