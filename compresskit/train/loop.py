@@ -174,11 +174,11 @@ def check_freeze(model: nn.Module, patterns: list[str], key: str = "freeze") -> 
 
 
 @contextlib.contextmanager
-def frozen(model: nn.Module, patterns: list[str]) -> Iterator[None]:
+def frozen(model: nn.Module, patterns: list[str], key: str = "freeze") -> Iterator[None]:
     """Parameters of `model` whose names match any glob pattern stop requiring gradients (so
     they are neither differentiated nor given to the optimiser) until the block ends. A
-    pattern that matches none is a ConfigError."""
-    check_freeze(model, patterns)
+    pattern that matches none is a ConfigError at `key`."""
+    check_freeze(model, patterns, key)
     chosen = [p for n, p in model.named_parameters()
               if p.requires_grad and any(fnmatch.fnmatchcase(n, pt) for pt in patterns)]
     for p in chosen:
@@ -191,12 +191,13 @@ def frozen(model: nn.Module, patterns: list[str]) -> Iterator[None]:
 
 
 def fit(model: nn.Module, train: Dataset, opts: TrainingOptions, *,
-        frozen_in: nn.Module | None = None, **kwargs: Any) -> dict[str, Any]:
+        frozen_in: nn.Module | None = None, freeze_key: str = "freeze",
+        **kwargs: Any) -> dict[str, Any]:
     """Train `model` in place for opts.epochs; returns the loss and val-accuracy history.
     Parameters matching `opts.freeze`, named as in `frozen_in` (default `model`: a distiller
-    wrapping the student names them as the student does), keep their values; the rest is
-    `_fit`'s."""
-    with frozen(model if frozen_in is None else frozen_in, opts.freeze):
+    wrapping the student names them as the student does), keep their values (an unmatched
+    pattern is a ConfigError at `freeze_key`); the rest is `_fit`'s."""
+    with frozen(model if frozen_in is None else frozen_in, opts.freeze, freeze_key):
         return _fit(model, train, opts, **kwargs)
 
 
@@ -336,8 +337,6 @@ def fit_stage(ctx: Any, model: nn.Module, opts: TrainingOptions, step: StepFn, w
     from compresskit.engine.loader import format_path
     from compresskit.errors import StageError
 
-    check_freeze(model if frozen_in is None else frozen_in, opts.freeze,
-                 format_path(("stages", ctx.index, "freeze")))
     data = ctx.data()
     try:
         return fit(model, data.train, opts, step=step, batch_size=ctx.config.data.batch_size,
@@ -345,7 +344,8 @@ def fit_stage(ctx: Any, model: nn.Module, opts: TrainingOptions, step: StepFn, w
                    desc=f"{ctx.name} {what}", val=data.val,
                    eval_batch_size=ctx.config.data.eval_batch_size,
                    resume=ctx.work_dir / f"{resume}.resume.pt", after_step=after_step,
-                   padding=padding(ctx), frozen_in=frozen_in)
+                   padding=padding(ctx), frozen_in=frozen_in,
+                   freeze_key=format_path(("stages", ctx.index, "freeze")))
     except Diverged as e:
         raise StageError(ctx.name, f"{blame}{e}{hint}") from None
 
